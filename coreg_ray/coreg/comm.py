@@ -1,0 +1,59 @@
+"""The few collective operations the trainer needs, so one loop serves 1 process or N.
+
+`LocalComm` is the identity (one process). `TorchDistComm` uses an initialised
+`torch.distributed` process group (Ray Train's `TorchTrainer` sets one up; `torchrun` too).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LocalComm:
+    rank = 0
+    world_size = 1
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from every rank along dim 0 (rank order)."""
+        return t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def barrier(self):
+        pass
+
+
+class TorchDistComm(LocalComm):
+    def __init__(self, find_unused_parameters: bool = True):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("TorchDistComm needs an initialised torch.distributed group")
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.find_unused = find_unused_parameters
+
+    def all_gather(self, t):
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, 0)
+
+    def all_reduce_sum(self, t):
+        t = t.clone()
+        self.dist.all_reduce(t)
+        return t
+
+    def wrap(self, model):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = next(model.parameters()).device
+        ids = [dev.index] if dev.type == "cuda" else None
+        # The projector is idle in warm-up: DDP must tolerate unused parameters.
+        return DDP(model, device_ids=ids, find_unused_parameters=self.find_unused)
+
+    def barrier(self):
+        self.dist.barrier()

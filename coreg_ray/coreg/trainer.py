@@ -1,0 +1,573 @@
+"""Co-Reg: two co-trained networks on noisy candidate label sets (plain PyTorch, no Ray).
+
+Read `fit` top to bottom: warm-up epochs, then each epoch: divide (per net: aligned division
+loss -> 5-epoch average -> GMM -> P/U), then one pass in which both networks train on the same
+batches, each with the split and pseudo-labels built from its peer (co-divide, co-pseudo-labels).
+
+The whole training set lives on the device as uint8; views are made there (`DeviceAugment`).
+Every random draw is re-seeded per (seed, rank, epoch), so a resumed run replays exactly the
+epochs a killed run would have run, and N workers draw independent but reproducible views.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coreg_ray.config import Config
+from coreg_ray.coreg.comm import LocalComm
+from coreg_ray.coreg.labels import (classwise_minmax, co_pseudo_labels, distribution_alignment,
+                                    gmm_clean_probability, minmax_normalize, mixup,
+                                    update_prototypes)
+from coreg_ray.coreg.losses import (consistency_loss, contrastive_masks, division_loss,
+                                    noisy_contrastive_loss, prototype_alignment_loss, warmup_loss)
+from coreg_ray.coreg.models import build_model
+from coreg_ray.data.annotations import AnnotationTable, check_candidates
+from coreg_ray.data.augment import DeviceAugment, channel_stats
+from coreg_ray.data.noise import apply_few_shot, few_shot_indices
+from coreg_ray.data.tables import ImageTable
+from coreg_ray.errors import CoregError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CoregError(f"train.device={name} but no CUDA device is available")
+    return dev
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class MoCoQueue:
+    feats: torch.Tensor  # [Q, d]
+    labels: torch.Tensor  # [Q] long, -1 = empty slot
+    is_p: torch.Tensor  # [Q] bool
+    ptr: int = 0
+
+    @classmethod
+    def empty(cls, size, dim, device):
+        return cls(torch.zeros(size, dim, device=device), torch.full((size,), -1, device=device,
+                   dtype=torch.long), torch.zeros(size, dtype=torch.bool, device=device))
+
+    def push(self, feats, labels, is_p):
+        n = feats.shape[0]
+        idx = (self.ptr + torch.arange(n, device=feats.device)) % self.feats.shape[0]
+        self.feats[idx] = feats.float()
+        self.labels[idx] = labels
+        self.is_p[idx] = is_p
+        self.ptr = (self.ptr + n) % self.feats.shape[0]
+
+    def state(self):
+        return {"feats": self.feats, "labels": self.labels, "is_p": self.is_p, "ptr": self.ptr}
+
+
+class CoReg:
+    """`CoReg(config).fit(train_table, annotations, test_table, output_dir)` -> final metrics."""
+
+    def __init__(self, config: Config | None = None, comm=None, callbacks=(), progress=True):
+        self.cfg = config or Config()
+        self.comm = comm or LocalComm()
+        self.callbacks = list(callbacks)
+        self.progress = progress and self.comm.rank == 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------ set-up
+    def _prepare(self, train: ImageTable, annotations, test: ImageTable | None):
+        cfg = self.cfg
+        self.device = resolve_device(cfg.train.device)
+        prec = cfg.train.precision
+        if prec not in ("auto", "bf16", "fp32"):
+            raise CoregError(f"train.precision must be auto, bf16 or fp32, got {prec}")
+        self.bf16 = (prec == "bf16") or (prec == "auto" and self.device.type == "cuda")
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if isinstance(annotations, AnnotationTable):
+            ann = annotations.align_to(train.ids, "annotations")
+            cand = ann.candidates
+        else:
+            cand = np.asarray(annotations, bool)
+            if cand.shape[0] != len(train):
+                raise CoregError(f"candidates have {cand.shape[0]} rows, images {len(train)}")
+        if cand.shape[1] != train.num_classes:
+            raise CoregError(f"annotations have {cand.shape[1]} classes, images "
+                             f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
+        check_candidates(cand, train.ids, "annotations")
+        self.trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
+        cand, trusted = apply_few_shot(cand, train.labels, self.trusted_index) \
+            if len(self.trusted_index) else (cand, np.zeros(len(cand), bool))
+        size = cfg.data.image_size or train.image_size
+        images = resize_images(train.images, size)
+        self.image_size = size
+        self.mean, self.std = channel_stats(images)
+        self.classes = list(train.classes)
+        self.num_classes = train.num_classes
+        self.n = len(train)
+        dev = self.device
+        self.images = images.to(dev)
+        self.candidates = torch.as_tensor(cand, dtype=torch.float32, device=dev)
+        self.trusted = torch.as_tensor(trusted, device=dev)
+        self.labels = None if train.labels is None else torch.as_tensor(train.labels, device=dev)
+        self.test = None
+        if test is not None:
+            if test.num_classes != train.num_classes:
+                raise CoregError(f"test table has {test.num_classes} classes, train {train.num_classes}")
+            if test.labels is None:
+                raise CoregError("test table has no labels: nothing to measure accuracy against")
+            self.test = (resize_images(test.images, size).to(dev),
+                         torch.as_tensor(test.labels, device=dev))
+        self.aug = DeviceAugment(self.mean, self.std, size, cfg.data.crop_padding,
+                                 cfg.data.strong_ops, dev, cfg.train.seed, cfg.data.hflip)
+        # Models: same seed on every rank, so DDP replicas start identical.
+        torch.manual_seed(cfg.train.seed)
+        self.raw_nets = [self._new_net() for _ in range(2)]
+        self.key_nets = [copy.deepcopy(n).requires_grad_(False) for n in self.raw_nets]
+        self.nets = [self.comm.wrap(n) for n in self.raw_nets]
+        self.opts = [torch.optim.SGD(n.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                     weight_decay=cfg.train.weight_decay) for n in self.raw_nets]
+        self.prototypes = torch.zeros(self.num_classes, cfg.model.proj_dim, device=dev)
+        self.queues = [MoCoQueue.empty(cfg.coreg.queue_size, cfg.model.proj_dim, dev)
+                       for _ in range(2)]
+        self.div_history: list[list[torch.Tensor]] = [[], []]
+        self.mean_probs = [torch.full((self.num_classes,), 1.0 / self.num_classes, device=dev)
+                           for _ in range(2)]
+        self.split_w = [torch.ones(self.n, device=dev) for _ in range(2)]
+        # each net's distribution-aligned weak-view prediction from its last divide pass
+        self.scores = [torch.full((self.n, self.num_classes), 1.0 / self.num_classes, device=dev)
+                       for _ in range(2)]
+        self.start_epoch = 0
+        self.elapsed = 0.0
+
+    def _new_net(self):
+        net = build_model(self.cfg.model.backbone, self.num_classes, self.image_size,
+                          self.cfg.model.proj_dim).to(self.device)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _cl(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    # ------------------------------------------------------------------------ the loop
+    def fit(self, train: ImageTable, annotations, test: ImageTable | None = None,
+            output_dir: str | os.PathLike | None = None, resume: bool = False) -> dict:
+        cfg = self.cfg
+        if cfg.train.warmup_epochs > cfg.train.epochs:
+            raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
+                             f"({cfg.train.epochs})")
+        self._prepare(train, annotations, test)
+        self.output_dir = Path(output_dir) if output_dir else None
+        if self.output_dir and self.comm.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.output_dir and (self.output_dir / CHECKPOINT).exists():
+            self.load_checkpoint(self.output_dir / CHECKPOINT)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.train.epochs, initial=self.start_epoch, unit="epoch",
+                       dynamic_ncols=True, desc="co-reg")
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            lr = cosine_lr(epoch, cfg.train.epochs, cfg.train.lr, cfg.train.lr_min)
+            for opt in self.opts:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            if epoch < cfg.train.warmup_epochs:
+                stats = self.warmup_epoch(epoch)
+            else:
+                stats = self.divide(epoch)
+                stats.update(self.coreg_epoch(epoch))
+            last = epoch == cfg.train.epochs - 1
+            if self.test is not None and (last or (epoch + 1) % cfg.train.eval_every == 0):
+                stats["test_accuracy"] = self.accuracy(*self.test)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            stats.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - t0)
+            self.elapsed += stats["epoch_seconds"]
+            self.history.append(stats)
+            if self.output_dir and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
+                self.save_checkpoint(self.output_dir / CHECKPOINT, epoch)
+            for cb in self.callbacks:
+                cb(epoch, stats, self)
+            if bar is not None:
+                show = {k: stats[k] for k in ("loss", "test_accuracy", "p_fraction") if k in stats}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in show.items()})
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        final = dict(self.history[-1]) if self.history else {}
+        final["seconds"] = self.elapsed
+        return final
+
+    # ------------------------------------------------------------------------ batches
+    def _shard(self, epoch: int, batch: int):
+        """This rank's batches of one epoch: a permutation shared by all ranks (seeded by
+        epoch), dealt round-robin, cut into equal full batches."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        mine = perm[self.comm.rank::self.comm.world_size].to(self.device)
+        batch = min(batch, len(mine))
+        steps = max(1, len(mine) // batch)
+        return [mine[i * batch:(i + 1) * batch] for i in range(steps)]
+
+    def _reseed(self, epoch: int):
+        seed = (self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.comm.rank
+        self.aug.gen.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
+    def warmup_epoch(self, epoch: int) -> dict:
+        """Partial CE + negative entropy on strong views, each net on its own view."""
+        self._reseed(epoch)
+        for net in self.nets:
+            net.train()
+        total = torch.zeros((), device=self.device)
+        batches = self._shard(epoch, self.cfg.train.warmup_batch_size)
+        for idx in batches:
+            x, cand = self.images[idx], self.candidates[idx]
+            for net, opt in zip(self.nets, self.opts):
+                with self._autocast():
+                    loss = warmup_loss(net(self._cl(self.aug.strong(x))), cand)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+        loss = self.comm.all_reduce_sum(total).item() / (2 * len(batches) * self.comm.world_size)
+        return {"phase": "warmup", "loss": loss, "loss_warmup": loss}
+
+    @torch.no_grad()
+    def _predict_all(self, net, images, weak: bool) -> torch.Tensor:
+        """Softmax (weak view) or logits (plain view) for every image, computed in large no-grad
+        batches, sharded over ranks and gathered."""
+        net.eval()
+        n, world = len(images), self.comm.world_size
+        per = -(-n // world)
+        mine = (torch.arange(per * world, device=self.device) % n)[self.comm.rank * per:(self.comm.rank + 1) * per]
+        outs = []
+        for chunk in mine.split(self.cfg.train.eval_batch_size):
+            x = images[chunk]
+            x = self.aug.weak(x) if weak else self.aug.plain(x)
+            with self._autocast():
+                logits = net(self._cl(x)).float()
+            outs.append(F.softmax(logits, 1) if weak else logits)
+        return self.comm.all_gather(torch.cat(outs))[:n]
+
+    def accuracy(self, images, labels) -> float:
+        logits = sum(self._predict_all(n, images, weak=False) for n in self.raw_nets)
+        return (logits.argmax(1) == labels).float().mean().item()
+
+    def divide(self, epoch: int) -> dict:
+        """Per network: aligned division loss on weak views, min-max normalised, averaged over
+        the last `division_history` epochs, split by a 2-component GMM."""
+        c = self.cfg.coreg
+        self._reseed(epoch)
+        stats = {"phase": "coreg"}
+        for k, net in enumerate(self.raw_nets):
+            probs = self._predict_all(net, self.images, weak=True)
+            self.mean_probs[k] = probs.mean(0)
+            if c.distribution_alignment:
+                probs = distribution_alignment(probs, self.mean_probs[k])
+            self.scores[k] = probs
+            loss = division_loss(probs, self.candidates)
+            if c.class_balanced_split:
+                pseudo = (probs * self.candidates).argmax(1)
+                loss = classwise_minmax(loss, pseudo, self.num_classes)
+            loss = minmax_normalize(loss).cpu()
+            hist = self.div_history[k]
+            hist.append(loss)
+            del hist[:-c.division_history]
+            avg = torch.stack(hist).mean(0).numpy()
+            w = gmm_clean_probability(avg, c.gmm_max_iter, c.gmm_tol, c.gmm_reg_covar,
+                                      seed=self.cfg.train.seed)
+            w = torch.as_tensor(w, dtype=torch.float32, device=self.device)
+            self.split_w[k] = torch.where(self.trusted, torch.ones_like(w), w)
+            is_p = self.split_w[k] > c.p_threshold
+            stats[f"p_fraction_net{k + 1}"] = is_p.float().mean().item()
+            if self.labels is not None:
+                truth_in = self.candidates[torch.arange(self.n, device=self.device), self.labels] > 0
+                stats[f"p_precision_net{k + 1}"] = (truth_in[is_p].float().mean().item()
+                                                    if is_p.any() else float("nan"))
+        stats["p_fraction"] = 0.5 * (stats["p_fraction_net1"] + stats["p_fraction_net2"])
+        return stats
+
+    def coreg_epoch(self, epoch: int) -> dict:
+        """Train net 1 on net 2's split and scores, then net 2 on net 1's (co-divide)."""
+        c = self.cfg.coreg
+        # Key encoders restart from their query nets at each post-warm-up epoch.
+        for key, raw in zip(self.key_nets, self.raw_nets):
+            key.load_state_dict(raw.state_dict())
+        totals = None
+        for a in range(2):
+            self._reseed(epoch * 2 + a + 7919)
+            peer = 1 - a if c.co_pseudo_labels else a
+            part = self.train_net(epoch, a, peer)
+            totals = part if totals is None else {k: totals[k] + part[k] for k in totals}
+        vals = self.comm.all_reduce_sum(torch.stack(list(totals.values()))).tolist()
+        tot = dict(zip(totals.keys(), vals))
+        steps = max(tot.pop("steps"), 1.0)
+        out = {k: tot[k] / steps for k in ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont")}
+        if self.labels is not None:
+            out["pseudo_accuracy_p"] = tot["p_correct"] / max(tot["p_count"], 1.0)
+            out["pseudo_accuracy_u"] = tot["u_correct"] / max(tot["u_count"], 1.0)
+        return out
+
+    def _split_batches(self, epoch: int, a: int, is_p: torch.Tensor):
+        """Index batches of P and of U for one net's epoch: as many steps as P fills full
+        batches on this rank; U is cycled to give every step a U batch of the same size."""
+        bs = self.cfg.train.batch_size
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 2 + a)
+        p_idx = torch.nonzero(is_p.cpu()).view(-1)  # one host sync per epoch
+        u_idx = torch.nonzero(~is_p.cpu()).view(-1)
+        r, w = self.comm.rank, self.comm.world_size
+        p_mine = p_idx[torch.randperm(len(p_idx), generator=g)][r::w].to(self.device)
+        u_mine = u_idx[torch.randperm(len(u_idx), generator=g)][r::w].to(self.device)
+        if len(p_mine) == 0:
+            return []
+        bs = min(bs, len(p_mine))
+        steps = len(p_mine) // bs
+        batches = []
+        for i in range(steps):
+            ix = p_mine[i * bs:(i + 1) * bs]
+            iu = u_mine[(i * bs + torch.arange(bs, device=self.device)) % len(u_mine)] \
+                if len(u_mine) and self.cfg.coreg.use_unlabeled else None
+            batches.append((ix, iu))
+        return batches
+
+    def train_net(self, epoch: int, a: int, peer: int) -> dict:
+        cfg, c = self.cfg, self.cfg.coreg
+        warm = cfg.train.warmup_epochs
+        use_proto = c.prototypes and epoch > warm + c.feature_delay
+        use_cont = c.contrastive and epoch > warm + c.feature_delay
+        net, raw, key, opt = self.nets[a], self.raw_nets[a], self.key_nets[a], self.opts[a]
+        w_all = self.split_w[peer]
+        batches = self._split_batches(epoch, a, w_all > c.p_threshold)
+        dev = self.device
+        acc = {k: torch.zeros((), device=dev) for k in
+               ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "p_correct", "p_count",
+                "u_correct", "u_count", "steps")}
+        net.train()
+        key.train()
+        self.raw_nets[peer].eval() if peer != a else None
+        for step, (ix, iu) in enumerate(batches):
+            ramp = min(1.0, max(0.0, (epoch - warm + step / len(batches)) / max(c.rampup_epochs, 1)))
+            bx = len(ix)
+            bu = 0 if iu is None else len(iu)
+            x, cand = self.images[ix], self.candidates[ix]
+            u = self.images[iu] if bu else x[:0]
+            with torch.no_grad(), self._autocast():
+                weak = torch.cat([self.aug.weak(x), self.aug.weak(x), self.aug.weak(u), self.aug.weak(u)])
+                logits_w, z_w = raw(self._cl(weak), project=True)
+                prob_w = F.softmax(logits_w.float(), 1)
+                px_own = 0.5 * (prob_w[:bx] + prob_w[bx:2 * bx])
+                w = w_all[ix]
+                targets_x = co_pseudo_labels(self.scores[peer][ix], px_own, px_own, cand, w,
+                                             torch.ones_like(w, dtype=torch.bool), c.sharpen_T)
+                if bu:
+                    pu_own = 0.5 * (prob_w[2 * bx:2 * bx + bu] + prob_w[2 * bx + bu:])
+                    pu_peer = pu_own
+                    if peer != a:
+                        peer_logits = self.raw_nets[peer](self._cl(weak[2 * bx:])).float()
+                        pp = F.softmax(peer_logits, 1)
+                        pu_peer = 0.5 * (pp[:bu] + pp[bu:])
+                    targets_u = co_pseudo_labels(pu_peer, pu_peer, pu_own, self.candidates[iu],
+                                                 torch.zeros(bu, device=dev),
+                                                 torch.zeros(bu, dtype=torch.bool, device=dev),
+                                                 c.sharpen_T)
+                else:
+                    targets_u = targets_x[:0]
+            xs1, xs2 = self.aug.strong(x), self.aug.strong(x)
+            us1, us2 = (self.aug.strong(u), self.aug.strong(u)) if bu else (u, u)
+            inputs = torch.cat([xs1, xs2, us1, us2])
+            targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
+            is_p = torch.cat([torch.ones(2 * bx, dtype=torch.bool, device=dev),
+                              torch.zeros(2 * bu, dtype=torch.bool, device=dev)])
+            lam = float(self.rng.beta(c.mixup_alpha, c.mixup_alpha))
+            partner = torch.randperm(len(inputs), generator=self.aug.gen, device=dev)
+            x_mix, t_mix = mixup(inputs, targets, lam, partner)
+            m = len(inputs)
+            fwd = torch.cat([x_mix, xs1, us1]) if use_cont else x_mix
+            with self._autocast():
+                logits, z = net(self._cl(fwd), project=True)
+            lx, lu = consistency_loss(logits[:m], t_mix, is_p)
+            loss = lx + c.lambda_u * ramp * lu
+            lprot = lcont = torch.zeros((), device=dev)
+            if use_proto:
+                lprot = prototype_alignment_loss(z[:m], self.prototypes, t_mix, is_p, c.proto_temp,
+                                                 c.lambda_u)
+                loss = loss + c.beta1 * lprot
+            hard = torch.cat([targets_x, targets_u]).argmax(1)
+            q_is_p = torch.cat([is_p[:bx], is_p[2 * bx:2 * bx + bu]])
+            if use_cont:
+                with torch.no_grad(), self._autocast():
+                    _, k = key(self._cl(torch.cat([xs2, us2])), project=True)
+                queue = self.queues[a]
+                pos, kept = contrastive_masks(hard, q_is_p, queue.labels, queue.is_p,
+                                              c.noisy_contrastive)
+                zq = z[m:]
+                lcont = noisy_contrastive_loss(zq, torch.cat([zq, k.float(), queue.feats]), pos, kept,
+                                               c.cont_temp)
+                loss = loss + c.beta2 * lcont
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if use_cont:
+                    kp = list(key.parameters())
+                    torch._foreach_mul_(kp, c.key_momentum)
+                    torch._foreach_add_(kp, [p.detach() for p in raw.parameters()],
+                                        alpha=1.0 - c.key_momentum)
+                    self.queues[a].push(self.comm.all_gather(k.float()), self.comm.all_gather(hard),
+                                        self.comm.all_gather(q_is_p))
+                # Prototypes (shared by both nets) follow the weak-view features of P samples.
+                self.prototypes = update_prototypes(
+                    self.prototypes, self.comm.all_gather(z_w[:bx].float()),
+                    self.comm.all_gather(hard[:bx]), self.comm.all_gather(torch.ones_like(hard[:bx], dtype=torch.bool)),
+                    c.proto_gamma)
+                acc["loss"] += loss.detach()
+                acc["loss_x"] += lx.detach()
+                acc["loss_u"] += lu.detach()
+                acc["loss_prot"] += lprot.detach()
+                acc["loss_cont"] += lcont.detach()
+                acc["steps"] += 1
+                if self.labels is not None:
+                    acc["p_correct"] += (hard[:bx] == self.labels[ix]).sum()
+                    acc["p_count"] += bx
+                    if bu:
+                        acc["u_correct"] += (hard[bx:] == self.labels[iu]).sum()
+                        acc["u_count"] += bu
+        return acc
+
+    # ------------------------------------------------------------------------ persistence
+    def checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch, "config": self.cfg.to_dict(),
+            "nets": [n.state_dict() for n in self.raw_nets],
+            "key_nets": [n.state_dict() for n in self.key_nets],
+            "opts": [o.state_dict() for o in self.opts],
+            "prototypes": self.prototypes, "queues": [q.state() for q in self.queues],
+            "div_history": self.div_history, "mean_probs": self.mean_probs,
+            "split_w": self.split_w, "scores": self.scores, "history": self.history, "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self, path: Path, epoch: int) -> None:
+        """Atomic: write a temp file, then rename over the old checkpoint."""
+        if self.comm.rank != 0:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.checkpoint_state(epoch), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state(state)
+
+    def load_state(self, state: dict) -> None:
+        for net, sd in zip(self.raw_nets, state["nets"]):
+            net.load_state_dict(sd)
+        for net, sd in zip(self.key_nets, state["key_nets"]):
+            net.load_state_dict(sd)
+        for opt, sd in zip(self.opts, state["opts"]):
+            opt.load_state_dict(sd)
+        self.prototypes = state["prototypes"].to(self.device)
+        for q, s in zip(self.queues, state["queues"]):
+            q.feats, q.labels, q.is_p, q.ptr = (s["feats"].to(self.device), s["labels"].to(self.device),
+                                               s["is_p"].to(self.device), s["ptr"])
+        self.div_history = [[t.cpu() for t in h] for h in state["div_history"]]
+        self.mean_probs = [t.to(self.device) for t in state["mean_probs"]]
+        self.split_w = [t.to(self.device) for t in state["split_w"]]
+        self.scores = [t.to(self.device) for t in state["scores"]]
+        self.history = list(state["history"])
+        self.elapsed = state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch = state["epoch"] + 1
+
+    def export(self) -> dict:
+        """What `model.pt` holds: enough to predict without the training data."""
+        return {"format": "coreg-ray/1", "backbone": self.cfg.model.backbone,
+                "num_classes": self.num_classes, "classes": self.classes,
+                "image_size": self.image_size, "proj_dim": self.cfg.model.proj_dim,
+                "mean": self.mean, "std": self.std,
+                "nets": [{k: v.cpu() for k, v in n.state_dict().items()} for n in self.raw_nets]}
+
+    def save_model(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.export(), tmp)
+        os.replace(tmp, path)
+
+
+class Classifier:
+    """A trained model (`model.pt`): predicts with the sum of both networks' logits."""
+
+    def __init__(self, state: dict, device="auto"):
+        self.device = resolve_device(device)
+        self.state = state
+        self.classes = state["classes"]
+        self.image_size = state["image_size"]
+        self.nets = []
+        for sd in state["nets"]:
+            net = build_model(state["backbone"], state["num_classes"], state["image_size"],
+                              state["proj_dim"]).to(self.device)
+            net.load_state_dict(sd)
+            self.nets.append(net.eval())
+        self.mean = torch.tensor(state["mean"], device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(state["std"], device=self.device).view(1, -1, 1, 1)
+
+    @classmethod
+    def load(cls, path, device="auto") -> "Classifier":
+        path = Path(path)
+        if not path.exists():
+            raise CoregError(f"model not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CoregError(f"{path}: not a readable model file ({exc})")
+        if not isinstance(state, dict) or state.get("format") != "coreg-ray/1":
+            raise CoregError(f"{path}: not a coreg-ray model (expected format coreg-ray/1)")
+        return cls(state, device)
+
+    @torch.no_grad()
+    def logits(self, images_uint8: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        images = resize_images(images_uint8, self.image_size)
+        out = []
+        for chunk in images.split(batch_size):
+            x = (chunk.to(self.device).float() / 255.0 - self.mean) / self.std
+            out.append(sum(net(x).float() for net in self.nets).cpu())
+        return torch.cat(out)
+
+    def predict(self, images_uint8: torch.Tensor) -> np.ndarray:
+        return self.logits(images_uint8).argmax(1).numpy()
+
+    def evaluate(self, table: ImageTable) -> dict:
+        if table.labels is None:
+            raise CoregError(f"{table.source}: no labels to evaluate against")
+        if table.num_classes != len(self.classes):
+            raise CoregError(f"{table.source}: {table.num_classes} classes, model {len(self.classes)}")
+        pred = self.predict(table.images)
+        per_class = {self.classes[c]: float((pred[table.labels == c] == c).mean())
+                     for c in range(len(self.classes)) if (table.labels == c).any()}
+        return {"accuracy": float((pred == table.labels).mean()), "images": len(table),
+                "per_class_accuracy": per_class}

@@ -1,0 +1,114 @@
+"""Candidate-label generators with known ground truth (the cleanlab habit).
+
+- `synthetic_candidates`: the ALIM / Co-Reg protocol (paper §V-D): each wrong class joins the set
+  with probability q; then with probability eta the true label is swapped for one class drawn
+  uniformly from the non-candidates.
+- `simulate_vlm_annotator`: an offline STAND-IN for a VLM annotator. It is not a VLM. K weak
+  "template" classifiers (multinomial logistic regression), each fitted on a small, different
+  random slice of the labelled images and on a different random subset of coarse pixel features,
+  vote on every image; the union of the K argmax votes is the candidate set and their mean
+  probabilities are `probs`. Like prompt templates of one VLM, the templates share most of their
+  knowledge and their mistakes depend on the image, so the noise is instance-dependent.
+- `few_shot_indices` / `apply_few_shot`: k trusted true labels per class.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coreg_ray.data.annotations import AnnotationTable
+from coreg_ray.errors import CoregError
+
+
+def synthetic_candidates(labels: np.ndarray, num_classes: int, q: float, eta: float,
+                         seed: int = 0) -> np.ndarray:
+    if not (0.0 <= q <= 1.0 and 0.0 <= eta <= 1.0):
+        raise CoregError(f"synthetic labels: q and eta must be in [0, 1], got q={q}, eta={eta}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels, np.int64)
+    n = len(labels)
+    rows = np.arange(n)
+    cand = rng.random((n, num_classes)) < q
+    cand[rows, labels] = True
+    swap = rng.random(n) < eta
+    for i in np.flatnonzero(swap):
+        free = np.flatnonzero(~cand[i])
+        if len(free) == 0:  # every class is a candidate: nothing to swap in
+            continue
+        cand[i, labels[i]] = False
+        cand[i, rng.choice(free)] = True
+    return cand
+
+
+def synthetic_annotations(ids, labels, num_classes, q, eta, seed=0) -> AnnotationTable:
+    cand = synthetic_candidates(labels, num_classes, q, eta, seed)
+    return AnnotationTable(np.asarray(ids, np.int64), cand, None, None,
+                           {"annotator": f"synthetic:q={q},eta={eta},seed={seed}",
+                            "num_classes": num_classes})
+
+
+def coarse_features(images: torch.Tensor, side: int = 8) -> np.ndarray:
+    """uint8 [N,3,H,W] -> standardised [N, 3*side*side] area-downsampled pixels."""
+    x = images.float() / 255.0
+    if x.shape[-1] != side:
+        x = F.adaptive_avg_pool2d(x, side)
+    f = x.flatten(1).numpy()
+    return (f - f.mean(0)) / (f.std(0) + 1e-6)
+
+
+def simulate_vlm_annotator(images: torch.Tensor, labels: np.ndarray, num_classes: int,
+                           ids=None, n_templates: int = 8, per_class: int = 10,
+                           feature_fraction: float = 0.5, seed: int = 0) -> AnnotationTable:
+    """See module doc. `per_class` labelled images per template: fewer -> a weaker annotator."""
+    from sklearn.linear_model import LogisticRegression
+
+    if labels is None:
+        raise CoregError("simulate-annotator needs an image table with labels (it is a stand-in "
+                         "fitted on a few labelled images per template)")
+    labels = np.asarray(labels, np.int64)
+    rng = np.random.default_rng(seed)
+    feats = coarse_features(images)
+    n, d = feats.shape
+    votes = np.empty((n, n_templates), np.int64)
+    probs = np.zeros((n, num_classes), np.float64)
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for k in range(n_templates):
+        slice_idx = np.concatenate([rng.choice(ix, min(per_class, len(ix)), replace=False)
+                                    for ix in by_class if len(ix)])
+        cols = rng.choice(d, max(1, int(round(feature_fraction * d))), replace=False)
+        clf = LogisticRegression(max_iter=300, C=1.0)
+        clf.fit(feats[slice_idx][:, cols], labels[slice_idx])
+        p = np.zeros((n, num_classes))
+        p[:, clf.classes_] = clf.predict_proba(feats[:, cols])
+        votes[:, k] = p.argmax(1)
+        probs += p / n_templates
+    cand = np.zeros((n, num_classes), bool)
+    cand[np.repeat(np.arange(n), n_templates), votes.reshape(-1)] = True
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    spec = (f"simulated-vlm:templates={n_templates},per_class={per_class},"
+            f"feature_fraction={feature_fraction},seed={seed}")
+    return AnnotationTable(ids, cand, votes, probs.astype(np.float32),
+                           {"annotator": spec, "simulated": True, "num_classes": num_classes})
+
+
+def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
+    """k indices per class (fewer where a class has fewer samples), seeded."""
+    if shots <= 0:
+        return np.zeros(0, np.int64)
+    if labels is None:
+        raise CoregError("few-shot needs true labels in the image table")
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(labels == c), min(shots, int((labels == c).sum())),
+                        replace=False) for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def apply_few_shot(candidates: np.ndarray, labels: np.ndarray, index: np.ndarray):
+    """Trusted samples: candidate set = the true label. Returns (candidates, trusted mask)."""
+    cand = candidates.copy()
+    cand[index] = False
+    cand[index, labels[index]] = True
+    trusted = np.zeros(len(cand), bool)
+    trusted[index] = True
+    return cand, trusted

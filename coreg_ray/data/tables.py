@@ -1,0 +1,379 @@
+"""Image tables: every source becomes one `ImageTable` holding a uint8 [N, 3, H, W] tensor.
+
+Sources (`load_image_table(spec)`):
+- a Parquet image table (`id`, encoded `image`, optional `label`; `classes.json` beside it),
+- an image folder (one sub-folder per class, or flat and unlabeled),
+- a NumPy `.npz` (`images` [N,H,W(,C)], optional `labels`, `ids`, `classes`),
+- `digits`, `digits:train`, `digits:test`: scikit-learn's 1,797 real 8x8 digits (the embedded
+  default; a fixed 80/20 split by id),
+- `torchvision:NAME:ROOT[:test]`: a torchvision dataset already on disk (never downloads).
+
+Images are decoded once; grayscale/RGBA become RGB; differently sized or non-square images are
+letterboxed (resized keeping aspect, then padded) to `image_size`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coreg_ray.errors import CoregError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageTable:
+    images: torch.Tensor  # uint8 [N, 3, H, W], CPU
+    ids: np.ndarray  # int64 [N], unique
+    labels: np.ndarray | None  # int64 [N] ground truth (evaluation and few-shot only), or None
+    classes: list[str]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.ids)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise CoregError(f"{self.source}: images must be uint8 [N,3,H,W], got "
+                             f"{tuple(self.images.shape)} {self.images.dtype}")
+        if self.images.shape[0] != n:
+            raise CoregError(f"{self.source}: {self.images.shape[0]} images but {n} ids")
+        if len(np.unique(self.ids)) != n:
+            dup = _first_duplicate(self.ids)
+            raise CoregError(f"{self.source}: id {dup} appears more than once")
+        if self.labels is not None:
+            if len(self.labels) != n:
+                raise CoregError(f"{self.source}: {len(self.labels)} labels for {n} images")
+            bad = np.flatnonzero((self.labels < 0) | (self.labels >= len(self.classes)))
+            if len(bad):
+                i = bad[0]
+                raise CoregError(f"{self.source}: row id {self.ids[i]} has label {self.labels[i]} "
+                                 f"outside 0..{len(self.classes) - 1} ({len(self.classes)} classes)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, index) -> "ImageTable":
+        index = np.asarray(index)
+        return ImageTable(self.images[torch.as_tensor(index)], self.ids[index],
+                          None if self.labels is None else self.labels[index],
+                          list(self.classes), self.source, dict(self.meta))
+
+
+def _first_duplicate(ids):
+    seen = set()
+    for i in ids.tolist():
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+# ----------------------------------------------------------------------------- decoding
+def _to_rgb_array(img, size: int | None):
+    from PIL import Image
+
+    if img.mode != "RGB":
+        # Palette/RGBA/LA/grayscale/16-bit: composite onto black, then to 3 channels.
+        img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" \
+            else img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        w, h = img.size
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        img = canvas
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_images(blobs, ids, size: int | None, source: str) -> torch.Tensor:
+    """Decode encoded images (bytes) into uint8 [N,3,H,W]; a bad blob fails naming its id."""
+    from PIL import Image
+
+    def decode(i):
+        try:
+            with Image.open(io.BytesIO(blobs[i])) as im:
+                im.load()
+                return _to_rgb_array(im, size)
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise CoregError(f"{source}: image of row id {ids[i]} cannot be decoded "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    return _stack(decode, len(blobs), size, source, ids)
+
+
+def _stack(decode, n, size, source, ids):
+    if n == 0:
+        raise CoregError(f"{source}: no images")
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(pool.map(decode, range(n), chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1 or next(iter(shapes))[0] != next(iter(shapes))[1]:
+        if size is not None:  # cannot happen: every image was letterboxed to `size`
+            raise CoregError(f"{source}: images of mixed sizes after resizing")
+        # Mixed or non-square sizes and no size asked for: letterbox to the largest side seen.
+        target = max(max(s[0], s[1]) for s in shapes)
+        return _stack(lambda i: _letterbox(arrays[i], target), n, target, source, ids)
+    out = np.stack(arrays)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _letterbox(arr, size):
+    from PIL import Image
+    return _to_rgb_array(Image.fromarray(arr), size)
+
+
+# ----------------------------------------------------------------------------- readers
+def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
+                     limit: int | None = None, classes: list[str] | None = None) -> ImageTable:
+    """Load any supported source (see module doc). `limit` keeps the first n rows."""
+    spec = str(spec)
+    if spec.split(":")[0] == "digits":
+        table = _load_digits(spec, image_size)
+    elif spec.startswith("torchvision:"):
+        table = _load_torchvision(spec, image_size, limit)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CoregError(f"image table not found: {spec}")
+        if path.is_dir() and (path / "train.parquet").exists():
+            path = path / "train.parquet"
+        if path.suffix == ".parquet":
+            table = _load_parquet(path, image_size, limit, classes)
+        elif path.suffix == ".npz":
+            table = _load_npz(path, image_size, classes)
+        elif path.is_dir():
+            table = _load_folder(path, image_size, limit, classes)
+        else:
+            raise CoregError(f"{spec}: unsupported image source (want .parquet, .npz, a folder, "
+                             "'digits[:train|:test]' or 'torchvision:NAME:ROOT')")
+    if limit is not None and len(table) > limit:
+        table = table.subset(np.arange(limit))
+    return table
+
+
+def read_classes(path: Path) -> list[str] | None:
+    f = path if path.name == "classes.json" else path.parent / "classes.json"
+    if not f.exists():
+        return None
+    try:
+        names = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CoregError(f"{f}: not valid JSON ({exc})")
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names) or not names:
+        raise CoregError(f"{f}: must be a non-empty JSON list of class names")
+    return names
+
+
+def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise CoregError(f"{path}: not a readable Parquet file ({exc})")
+    cols = set(pf.schema_arrow.names)
+    for need in ("id", "image"):
+        if need not in cols:
+            raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(sorted(cols))})")
+    want = ["id", "image"] + (["label"] if "label" in cols else [])
+    tbl = pf.read(columns=want)
+    if limit is not None:
+        tbl = tbl.slice(0, limit)
+    ids = tbl.column("id").to_numpy().astype(np.int64)
+    img_col = tbl.column("image")
+    blobs = img_col.to_pylist()
+    for i, b in enumerate(blobs):
+        if isinstance(b, dict):  # HF-style struct {bytes, path}
+            blobs[i] = b.get("bytes")
+        if blobs[i] is None:
+            raise CoregError(f"{path}: row id {ids[i]} has no image bytes")
+    labels = None
+    if "label" in tbl.column_names:
+        lab = tbl.column("label")
+        if lab.null_count:
+            raise CoregError(f"{path}: column 'label' has {lab.null_count} empty values")
+        labels = lab.to_numpy().astype(np.int64)
+    names = classes or read_classes(path)
+    if names is None:
+        if labels is None:
+            raise CoregError(f"{path}: no classes.json beside it and no labels: pass class names")
+        names = [str(i) for i in range(int(labels.max()) + 1)]
+    images = decode_images(blobs, ids, size, str(path))
+    return ImageTable(images, ids, labels, names, str(path))
+
+
+def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> None:
+    """Write a Parquet image table (+ classes.json beside it), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blobs = []
+    for img in table.images.permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt)
+        blobs.append(buf.getvalue())
+    cols = {"id": pa.array(table.ids, pa.int64()), "image": pa.array(blobs, pa.binary())}
+    if table.labels is not None:
+        cols["label"] = pa.array(table.labels, pa.int16())
+    tmp = path.with_suffix(".tmp.parquet")
+    pq.write_table(pa.table(cols), tmp)
+    os.replace(tmp, path)
+    (path.parent / "classes.json").write_text(json.dumps(table.classes))
+
+
+def _load_npz(path: Path, size, classes) -> ImageTable:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise CoregError(f"{path}: not a readable .npz ({exc})")
+    if "images" not in data:
+        raise CoregError(f"{path}: missing array 'images' (has: {', '.join(data.files)})")
+    ids = data["ids"].astype(np.int64) if "ids" in data else None
+    labels = data["labels"].astype(np.int64) if "labels" in data else None
+    names = classes or ([str(c) for c in data["classes"]] if "classes" in data else None)
+    return table_from_arrays(data["images"], labels, names, ids, size, str(path))
+
+
+def table_from_arrays(images, labels=None, classes=None, ids=None, size=None,
+                      source="arrays") -> ImageTable:
+    """Build a table from NumPy images: [N,H,W] gray or [N,H,W,C] / [N,C,H,W] with C in 1,3,4;
+    uint8, or floats in [0,1]."""
+    from PIL import Image
+
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise CoregError(f"{source}: images must be [N,H,W] or [N,H,W,C], got shape {x.shape}")
+    if x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+        x = x.transpose(0, 2, 3, 1)
+    if x.dtype != np.uint8:
+        x = x.astype(np.float64)
+        hi = 1.0 if x.max() <= 1.0 else 255.0
+        x = np.clip(np.round(x / hi * 255.0), 0, 255).astype(np.uint8)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    elif x.shape[-1] == 4:
+        x = x[..., :3]
+    n = len(x)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+    if classes is None:
+        if labels is None:
+            raise CoregError(f"{source}: no labels and no class names: pass classes")
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    if size is not None and x.shape[1:3] != (size, size) or x.shape[1] != x.shape[2]:
+        target = size or max(x.shape[1:3])
+        x = np.stack([_to_rgb_array(Image.fromarray(a), target) for a in x])
+    images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    return ImageTable(images, ids, labels, list(classes), source)
+
+
+def _load_digits(spec: str, size) -> ImageTable:
+    from sklearn.datasets import load_digits
+
+    part = spec.split(":", 1)[1] if ":" in spec else "all"
+    if part not in ("all", "train", "test"):
+        raise CoregError(f"{spec}: use digits, digits:train or digits:test")
+    d = load_digits()
+    x = (d.images / 16.0 * 255.0).round().astype(np.uint8)  # [1797, 8, 8], values 0..16
+    ids = np.arange(len(x), dtype=np.int64)
+    # Fixed split: every 5th sample (by a seeded permutation) is test.
+    perm = np.random.default_rng(0).permutation(len(x))
+    is_test = np.zeros(len(x), bool)
+    is_test[perm[: len(x) // 5]] = True
+    keep = {"all": np.ones(len(x), bool), "train": ~is_test, "test": is_test}[part]
+    table = table_from_arrays(x[keep], d.target[keep], [str(i) for i in range(10)], ids[keep],
+                              size, spec)
+    return table
+
+
+def _load_folder(path: Path, size, limit, classes) -> ImageTable:
+    from PIL import Image
+
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    files, labels = [], []
+    if subdirs:
+        names = classes or [p.name for p in subdirs]
+        index = {n: i for i, n in enumerate(names)}
+        for d in subdirs:
+            if d.name not in index:
+                raise CoregError(f"{path}: sub-folder '{d.name}' is not one of the classes")
+            for f in sorted(d.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(f)
+                    labels.append(index[d.name])
+        lab = np.asarray(labels, np.int64)
+    else:
+        names = classes or read_classes(path / "classes.json")
+        if names is None:
+            raise CoregError(f"{path}: a flat folder needs classes.json or class names")
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        lab = None
+    if limit is not None:
+        files = files[:limit]
+        lab = None if lab is None else lab[:limit]
+    ids = np.arange(len(files), dtype=np.int64)
+
+    def decode(i):
+        try:
+            with Image.open(files[i]) as im:
+                im.load()
+                return _to_rgb_array(im, size)
+        except Exception as exc:
+            raise CoregError(f"{files[i]}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+    images = _stack(decode, len(files), size, str(path), ids)
+    table = ImageTable(images, ids, lab, list(names), str(path))
+    table.meta["files"] = [str(f.relative_to(path)) for f in files]
+    return table
+
+
+def _load_torchvision(spec: str, size, limit) -> ImageTable:
+    parts = spec.split(":")
+    if len(parts) < 3:
+        raise CoregError(f"{spec}: use torchvision:NAME:ROOT[:test]")
+    name, root = parts[1], parts[2]
+    train = not (len(parts) > 3 and parts[3] == "test")
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise CoregError(f"{spec}: torchvision has no dataset '{name}'")
+    try:
+        try:
+            ds = cls(root, train=train, download=False)
+        except TypeError:
+            ds = cls(root, split="train" if train else "test", download=False)
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise CoregError(f"{spec}: not found on disk under {root} (downloads are off): {exc}")
+    n = len(ds) if limit is None else min(limit, len(ds))
+    arrays, labels = [], []
+    for i in range(n):
+        img, y = ds[i]
+        arrays.append(_to_rgb_array(img, size))
+        labels.append(int(y))
+    classes = list(getattr(ds, "classes", [str(i) for i in range(max(labels) + 1)]))
+    return table_from_arrays(np.stack(arrays), np.asarray(labels), classes, None, size, spec)

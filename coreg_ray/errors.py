@@ -1,0 +1,18 @@
+"""User-facing errors: one line, naming the file/row/field that is wrong."""
+from __future__ import annotations
+
+import importlib
+
+
+class CoregError(Exception):
+    """An error caused by the user's input or environment. The CLI prints it as one line."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or fail with a line naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CoregError(
+            f"'{module}' is not installed: pip install 'coreg-ray[{extra}]' ({exc})"
+        ) from exc
