@@ -180,6 +180,11 @@ def _coerce(name: str, value, hint):
     if base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads exponents without a dot ("1e-5") as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise CoregError(f"config key '{name}' must be a number, got {value!r}")
     if base is str:
         return str(value)

@@ -148,8 +148,10 @@ def cutout(x: torch.Tensor, fill: torch.Tensor, gen=None) -> torch.Tensor:
     cx = (_rand((b,), gen, dev) * w).floor()
     ys = torch.arange(h, device=dev).view(1, h, 1)
     xs = torch.arange(w, device=dev).view(1, 1, w)
-    half = (side / 2).view(b, 1, 1)
-    inside = ((ys - cy.view(b, 1, 1)).abs() <= half) & ((xs - cx.view(b, 1, 1)).abs() <= half)
+    before = (side / 2).floor().view(b, 1, 1)  # rows/cols before the centre; side - before from it
+    after = side.view(b, 1, 1) - before
+    dy, dx = ys - cy.view(b, 1, 1), xs - cx.view(b, 1, 1)
+    inside = (dy >= -before) & (dy < after) & (dx >= -before) & (dx < after)
     return torch.where(inside[:, None], fill.view(1, -1, 1, 1), x)
 
 

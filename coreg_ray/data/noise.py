@@ -57,39 +57,64 @@ def coarse_features(images: torch.Tensor, side: int = 8) -> np.ndarray:
     return (f - f.mean(0)) / (f.std(0) + 1e-6)
 
 
+class SimulatedVLM:
+    """See module doc: K weak template classifiers standing in for a VLM's prompt templates."""
+
+    def __init__(self, n_templates: int = 8, per_class: int = 10, feature_fraction: float = 0.5,
+                 seed: int = 0):
+        self.n_templates, self.per_class = n_templates, per_class
+        self.feature_fraction, self.seed = feature_fraction, seed
+        self.templates = []
+
+    @property
+    def spec(self) -> str:
+        return (f"simulated-vlm:templates={self.n_templates},per_class={self.per_class},"
+                f"feature_fraction={self.feature_fraction},seed={self.seed}")
+
+    def fit(self, images: torch.Tensor, labels: np.ndarray, num_classes: int) -> "SimulatedVLM":
+        from sklearn.linear_model import LogisticRegression
+
+        if labels is None:
+            raise CoregError("simulate-annotator needs an image table with labels (it is a "
+                             "stand-in fitted on a few labelled images per template)")
+        labels = np.asarray(labels, np.int64)
+        rng = np.random.default_rng(self.seed)
+        feats = coarse_features(images)
+        d = feats.shape[1]
+        self.num_classes = num_classes
+        by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        self.templates = []
+        for _ in range(self.n_templates):
+            rows = np.concatenate([rng.choice(ix, min(self.per_class, len(ix)), replace=False)
+                                   for ix in by_class if len(ix)])
+            cols = rng.choice(d, max(1, int(round(self.feature_fraction * d))), replace=False)
+            clf = LogisticRegression(max_iter=300, C=1.0).fit(feats[rows][:, cols], labels[rows])
+            self.templates.append((cols, clf))
+        return self
+
+    def annotate(self, images: torch.Tensor, ids=None) -> AnnotationTable:
+        feats = coarse_features(images)
+        n, k, c = len(feats), len(self.templates), self.num_classes
+        votes = np.empty((n, k), np.int64)
+        probs = np.zeros((n, c))
+        for t, (cols, clf) in enumerate(self.templates):
+            p = np.zeros((n, c))
+            p[:, clf.classes_] = clf.predict_proba(feats[:, cols])
+            votes[:, t] = p.argmax(1)
+            probs += p / k
+        cand = np.zeros((n, c), bool)
+        cand[np.repeat(np.arange(n), k), votes.reshape(-1)] = True
+        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        return AnnotationTable(ids, cand, votes, probs.astype(np.float32),
+                               {"annotator": self.spec, "simulated": True, "num_classes": c})
+
+
 def simulate_vlm_annotator(images: torch.Tensor, labels: np.ndarray, num_classes: int,
                            ids=None, n_templates: int = 8, per_class: int = 10,
                            feature_fraction: float = 0.5, seed: int = 0) -> AnnotationTable:
-    """See module doc. `per_class` labelled images per template: fewer -> a weaker annotator."""
-    from sklearn.linear_model import LogisticRegression
-
-    if labels is None:
-        raise CoregError("simulate-annotator needs an image table with labels (it is a stand-in "
-                         "fitted on a few labelled images per template)")
-    labels = np.asarray(labels, np.int64)
-    rng = np.random.default_rng(seed)
-    feats = coarse_features(images)
-    n, d = feats.shape
-    votes = np.empty((n, n_templates), np.int64)
-    probs = np.zeros((n, num_classes), np.float64)
-    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    for k in range(n_templates):
-        slice_idx = np.concatenate([rng.choice(ix, min(per_class, len(ix)), replace=False)
-                                    for ix in by_class if len(ix)])
-        cols = rng.choice(d, max(1, int(round(feature_fraction * d))), replace=False)
-        clf = LogisticRegression(max_iter=300, C=1.0)
-        clf.fit(feats[slice_idx][:, cols], labels[slice_idx])
-        p = np.zeros((n, num_classes))
-        p[:, clf.classes_] = clf.predict_proba(feats[:, cols])
-        votes[:, k] = p.argmax(1)
-        probs += p / n_templates
-    cand = np.zeros((n, num_classes), bool)
-    cand[np.repeat(np.arange(n), n_templates), votes.reshape(-1)] = True
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    spec = (f"simulated-vlm:templates={n_templates},per_class={per_class},"
-            f"feature_fraction={feature_fraction},seed={seed}")
-    return AnnotationTable(ids, cand, votes, probs.astype(np.float32),
-                           {"annotator": spec, "simulated": True, "num_classes": num_classes})
+    """Fit a `SimulatedVLM` on (images, labels) and annotate the same images."""
+    vlm = SimulatedVLM(n_templates, per_class, feature_fraction, seed).fit(images, labels, num_classes)
+    return vlm.annotate(images, ids)
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,239 @@
+"""`coreg-ray` command line: synth | simulate-annotator | report | train | evaluate | quickstart.
+
+Every user error is printed as one line (`coreg-ray: error: ...`) with exit status 2; outputs are
+written atomically so a failed command leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from coreg_ray.errors import CoregError
+
+
+def _add_images(p, required=True, name="--images", help="image table: .parquet, folder, .npz, "
+                "'digits[:train|:test]' or 'torchvision:NAME:ROOT'"):
+    p.add_argument(name, required=required, help=help)
+
+
+def _common_table_args(p):
+    p.add_argument("--image-size", type=int, default=None, help="resize/letterbox to this side")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_synth(args):
+    from coreg_ray.data import annotation_stats, load_image_table, synthetic_annotations, write_annotations
+
+    table = load_image_table(args.images, args.image_size, args.limit)
+    if table.labels is None:
+        raise CoregError(f"{args.images}: synthetic candidates need ground-truth labels")
+    ann = synthetic_annotations(table.ids, table.labels, table.num_classes, args.q, args.eta, args.seed)
+    ann.meta["classes"] = table.classes
+    write_annotations(ann, args.output)
+    print(json.dumps(annotation_stats(ann, table.labels), default=float))
+
+
+def cmd_simulate(args):
+    from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table, write_annotations
+
+    table = load_image_table(args.images, args.image_size, args.limit)
+    vlm = SimulatedVLM(args.templates, args.per_class, args.feature_fraction, args.seed)
+    vlm.fit(table.images, table.labels, table.num_classes)
+    ann = vlm.annotate(table.images, table.ids)
+    ann.meta["classes"] = table.classes
+    write_annotations(ann, args.output)
+    print("note: simulated annotator = weak classifiers standing in for a VLM (not a VLM)",
+          file=sys.stderr)
+    print(json.dumps(annotation_stats(ann, table.labels), default=float))
+
+
+def cmd_report(args):
+    from coreg_ray.data import annotation_stats, load_image_table, read_annotations
+
+    table = load_image_table(args.images, args.image_size, args.limit) if args.images else None
+    ann = read_annotations(args.annotations, table.num_classes if table else None)
+    labels = None
+    if table is not None:
+        ann = ann.align_to(table.ids, str(args.annotations))
+        labels = table.labels
+    print(json.dumps(annotation_stats(ann, labels), indent=2, default=float))
+
+
+def train_run(images, annotations, output, config=None, overrides=(), test_images=None,
+              resume=False, image_size=None, limit=None, mlflow=True, progress=True,
+              run_name=None, log=print) -> dict:
+    """The `train` command as a function (used by the CLI, quickstart, jobs and Tune)."""
+    from coreg_ray.config import Config
+    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg
+    from coreg_ray.data import annotation_stats, load_image_table, read_annotations
+    from coreg_ray.data.annotations import AnnotationTable, ensemble_prediction
+
+    out = Path(output)
+    cfg_path = out / "config.yaml"
+    if resume and cfg_path.exists() and config is None and not overrides:
+        config = cfg_path  # resume with the run's own resolved config
+    cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
+    if run_name:
+        cfg.tracking.run_name = run_name
+    if not mlflow:
+        cfg.tracking.mlflow = False
+    size = image_size or cfg.data.image_size
+    train = images if not isinstance(images, (str, Path)) else load_image_table(images, size, limit)
+    test = test_images if not isinstance(test_images, (str, Path)) else load_image_table(test_images, size)
+    ann = annotations if isinstance(annotations, AnnotationTable) else \
+        read_annotations(annotations, train.num_classes)
+    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path)) else "annotations")
+    stats = annotation_stats(ann, train.labels)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (resume and (out / CHECKPOINT).exists()):
+        cfg.save(cfg_path)
+    callbacks, run = [], None
+    if cfg.tracking.mlflow:
+        from coreg_ray.distributed.tracking import MLflowRun
+        run = MLflowRun(cfg, tags={"output": str(out.resolve())})
+        run.__enter__()
+        callbacks.append(run.epoch_callback)
+    trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
+    t0 = time.perf_counter()
+    try:
+        final = trainer.fit(train, ann, test, out, resume=resume)
+    except KeyboardInterrupt:
+        if run:
+            run.__exit__(KeyboardInterrupt, None, None)
+        log(f"interrupted: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
+            f"continue with the same command plus --resume")
+        raise
+    except BaseException as exc:
+        if run:
+            run.__exit__(type(exc), exc, None)
+        raise
+    trainer.save_model(out / "model.pt")
+    metrics = {
+        "test_accuracy": final.get("test_accuracy"),
+        "annotator_accuracy": stats.get("ensemble_accuracy"),
+        "partial_accuracy": stats.get("partial_accuracy"),
+        "avg_candidates": stats["avg_candidates"],
+        "epochs": cfg.train.epochs, "warmup_epochs": cfg.train.warmup_epochs,
+        "seconds": final.get("seconds"), "wall_seconds": time.perf_counter() - t0,
+        "train_images": len(train), "test_images": len(test) if test is not None else 0,
+        "backbone": cfg.model.backbone, "seed": cfg.train.seed,
+        "annotator": ann.meta.get("annotator"),
+        "history": trainer.history,
+    }
+    _write_json(out / "metrics.json", metrics)
+    if run:
+        run.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None})
+        for f in ("metrics.json", "config.yaml", "model.pt"):
+            run.log_artifact(out / f)
+        metrics["mlflow_run_id"] = run.run_id
+        run.__exit__(None, None, None)
+    return metrics
+
+
+def cmd_train(args):
+    m = train_run(args.images, args.annotations, args.output, args.config, args.set or [],
+                  args.test_images, args.resume, args.image_size, args.limit,
+                  mlflow=not args.no_mlflow, run_name=args.run_name)
+    show = {k: m[k] for k in ("test_accuracy", "annotator_accuracy", "partial_accuracy",
+                              "avg_candidates", "epochs", "seconds") if k in m}
+    print(json.dumps(show, default=float))
+
+
+def cmd_evaluate(args):
+    from coreg_ray.coreg.trainer import Classifier
+    from coreg_ray.data import load_image_table
+
+    clf = Classifier.load(args.model, args.device)
+    table = load_image_table(args.images, None, args.limit, classes=None)
+    res = clf.evaluate(table)
+    print(json.dumps(res, indent=2, default=float))
+
+
+def cmd_quickstart(args):
+    from coreg_ray.quickstart import run_quickstart
+
+    run_quickstart(args.output, epochs=args.epochs, seed=args.seed, mlflow=not args.no_mlflow)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="coreg-ray", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="synthetic noisy candidate sets (ALIM/Co-Reg protocol)")
+    _add_images(p); _common_table_args(p)
+    p.add_argument("--q", type=float, required=True, help="probability a wrong class joins")
+    p.add_argument("--eta", type=float, required=True, help="probability the truth is swapped out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("simulate-annotator",
+                       help="offline stand-in for a VLM annotator (weak template classifiers)")
+    _add_images(p); _common_table_args(p)
+    p.add_argument("--templates", type=int, default=8)
+    p.add_argument("--per-class", type=int, default=10, help="labelled images per template and class")
+    p.add_argument("--feature-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(fn=cmd_simulate)
+
+    p = sub.add_parser("report", help="statistics of an annotation table")
+    p.add_argument("--annotations", required=True)
+    _add_images(p, required=False); _common_table_args(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("train", help="train Co-Reg on an image table + annotation table")
+    _add_images(p); _common_table_args(p)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--test-images", default=None)
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=20")
+    p.add_argument("--output", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--run-name", default=None)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy of a trained model.pt on a labelled table")
+    p.add_argument("--model", required=True)
+    _add_images(p)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("quickstart", help="embedded data -> simulated annotator -> Co-Reg -> table")
+    p.add_argument("--output", default="runs/quickstart")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(fn=cmd_quickstart)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except CoregError as exc:
+        print(f"coreg-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

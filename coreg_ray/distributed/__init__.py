@@ -1,0 +1,1 @@
+"""Ray Train / Ray Tune wiring and MLflow tracking (optional dependencies, imported lazily)."""
