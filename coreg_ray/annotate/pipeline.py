@@ -1,0 +1,556 @@
+"""The annotation pipeline: Parquet image table -> annotation table (+ quality report).
+
+    run_annotation("data/train.parquet", ["clip:ViT-B-32/openai"], "ann.parquet",
+                   report="ann-report")
+
+Engine ``ray`` (default) is a Ray Data stream: ``read_parquet`` -> decode + resize on CPU tasks
+-> `ClipAnnotator` on an actor pool (one GPU per actor when the cluster has GPUs, else a share
+of the CPUs, always leaving one CPU to the read/decode tasks) -> the driver, which writes
+finished shards. Engine ``local`` runs the same steps in this process without Ray.
+
+Resumable: the input rows, in file order, are cut into shards of `shard_size` rows; every
+finished shard is written at once, atomically, to ``OUTPUT.parts/shard-XXXXX.parquet``
+(``OUTPUT.parts/annotator-I/shard-XXXXX.parquet`` with several annotators), each a valid
+annotation table. A re-run reuses every finished shard and computes only the missing ones; the
+shards are then merged into OUTPUT, every id exactly once, in input order. ``plan.json`` in the
+parts folder records the settings; a re-run with other settings (input ids, annotators,
+classes, templates, mode, image size, shard size) is refused unless ``restart=True``.
+
+Unreadable images are reported by id (report and table metadata) and left out of the table
+(``on_bad_image="skip"``), or stop the run naming the id (``"fail"``). Several annotators are
+merged with `merge_annotations`: ``merge="union"`` (default) or ``"min_votes:N"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from coreg_ray.annotate import logic
+from coreg_ray.annotate.templates import resolve_classes, resolve_templates
+from coreg_ray.data.annotations import (META_KEY, AnnotationTable, merge_annotations,
+                                        read_annotations, write_annotations)
+from coreg_ray.errors import CoregError, require
+
+PLAN_FILE = "plan.json"
+OUT_COLUMNS = ("id", "votes", "candidates", "probs", "error")
+
+
+# ----------------------------------------------------------------------------- input
+def input_files(images_path) -> list[Path]:
+    """A .parquet file; a folder with train.parquet (as `load_image_table`); or a folder of
+    .parquet files (all of them, sorted by name)."""
+    if isinstance(images_path, (list, tuple)):
+        files = [Path(p) for p in images_path]
+        for f in files:
+            if not f.is_file():
+                raise CoregError(f"image table not found: {f}")
+        return files
+    p = Path(images_path)
+    if not p.exists():
+        raise CoregError(f"image table not found: {p}")
+    if p.is_dir():
+        if (p / "train.parquet").is_file():
+            return [p / "train.parquet"]
+        files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
+        if not files:
+            raise CoregError(f"{p}: no .parquet files (annotation reads Parquet image tables; "
+                             "write other sources with coreg_ray.data.write_image_table)")
+        return files
+    if p.suffix != ".parquet":
+        raise CoregError(f"{p}: annotation reads Parquet image tables (id, image[, label])")
+    return [p]
+
+
+def read_index(files: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """All ids (and labels where every file has a complete label column), in file order."""
+    import pyarrow.parquet as pq
+
+    ids, labels, with_labels = [], [], True
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as exc:
+            raise CoregError(f"{f}: not a readable Parquet file ({exc})")
+        cols = set(pf.schema_arrow.names)
+        for need in ("id", "image"):
+            if need not in cols:
+                raise CoregError(f"{f}: missing column '{need}' (has: {', '.join(sorted(cols))})")
+        want = ["id"] + (["label"] if "label" in cols and with_labels else [])
+        tbl = pf.read(columns=want)
+        if tbl.column("id").null_count:
+            raise CoregError(f"{f}: column 'id' has {tbl.column('id').null_count} empty values")
+        ids.append(tbl.column("id").to_numpy().astype(np.int64))
+        if "label" in want and tbl.column("label").null_count == 0:
+            labels.append(tbl.column("label").to_numpy().astype(np.int64))
+        else:
+            with_labels = False
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(ids) == 0:
+        raise CoregError(f"{files[0]}: no images")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise CoregError(f"{files[0]}: id {int(uniq[counts > 1][0])} appears more than once "
+                         f"({int((counts > 1).sum())} duplicated ids)")
+    return ids, (np.concatenate(labels) if with_labels else None)
+
+
+def _default_classes(files: list[Path]):
+    from coreg_ray.data.tables import read_classes
+    return read_classes(files[0])
+
+
+# ----------------------------------------------------------------------------- plan / shards
+class _Plan:
+    """Rows in file order cut into fixed-size shards; id -> position / shard lookups."""
+
+    def __init__(self, ids: np.ndarray, shard_size: int):
+        if shard_size < 1:
+            raise CoregError(f"shard_size must be >= 1, got {shard_size}")
+        self.ids = ids
+        self.shard_size = int(shard_size)
+        self.num_shards = math.ceil(len(ids) / self.shard_size)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def position(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        i = np.searchsorted(self._sorted, ids)
+        i = np.clip(i, 0, len(self._sorted) - 1)
+        if len(ids) and (self._sorted[i] != ids).any():
+            bad = ids[self._sorted[i] != ids][0]
+            raise CoregError(f"id {int(bad)} is not in the input")
+        return self._order[i]
+
+    def shard_of(self, ids) -> np.ndarray:
+        return self.position(ids) // self.shard_size
+
+    def shard_ids(self, k: int) -> np.ndarray:
+        return self.ids[k * self.shard_size:(k + 1) * self.shard_size]
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_path(parts: Path, k: int) -> Path:
+    return parts / f"shard-{k:05d}.parquet"
+
+
+def _shard_plan_tag(path: Path) -> str | None:
+    """The plan fingerprint stored in a shard's metadata (None if unreadable)."""
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta.get(META_KEY, b"{}")).get("plan")
+    except Exception:
+        return None
+
+
+class _ShardWriter:
+    """Collects annotated rows per shard on the driver; writes a shard once it is complete."""
+
+    def __init__(self, parts: Path, plan: _Plan, pending: list[int], meta: dict, k: int, c: int,
+                 save_probs: bool, on_bad_image: str, source: str):
+        self.parts, self.plan, self.meta = parts, plan, meta
+        self.k, self.c, self.save_probs = k, c, save_probs
+        self.on_bad_image, self.source = on_bad_image, source
+        self.expected = {s: len(plan.shard_ids(s)) for s in pending}
+        self.buf = {s: [] for s in pending}
+        self.count = {s: 0 for s in pending}
+        self.written = 0
+        self.rows = 0
+
+    def add(self, batch: dict) -> int:
+        ids = np.asarray(batch["id"], np.int64)
+        if len(ids) == 0:
+            return 0
+        errors = np.asarray(batch["error"], dtype=object)
+        if self.on_bad_image == "fail" and (errors != "").any():
+            i = int(np.flatnonzero(errors != "")[0])
+            raise CoregError(f"{self.source}: image of row id {ids[i]} cannot be decoded "
+                             f"({errors[i]}); pass on_bad_image='skip' to skip unreadable images")
+        shards = self.plan.shard_of(ids)
+        for s in np.unique(shards):
+            s = int(s)
+            sel = shards == s
+            if s not in self.buf:
+                raise CoregError(f"internal: rows of shard {s} arrived twice or after it was written")
+            self.buf[s].append({col: np.asarray(batch[col])[sel] for col in OUT_COLUMNS})
+            self.count[s] += int(sel.sum())
+            if self.count[s] > self.expected[s]:
+                raise CoregError(f"internal: shard {s} got {self.count[s]} rows, expected "
+                                 f"{self.expected[s]}")
+            if self.count[s] == self.expected[s]:
+                self._flush(s)
+        self.rows += len(ids)
+        return len(ids)
+
+    def _flush(self, s: int) -> None:
+        parts = self.buf.pop(s)
+        cols = {col: np.concatenate([p[col] for p in parts]) for col in OUT_COLUMNS}
+        order = np.argsort(self.plan.position(cols["id"]))
+        cols = {col: v[order] for col, v in cols.items()}
+        bad = cols["error"] != ""
+        ok = ~bad
+        skipped = [{"id": int(i), "error": str(e)} for i, e in zip(cols["id"][bad], cols["error"][bad])]
+        meta = dict(self.meta, shard=s, skipped=skipped)
+        table = AnnotationTable(cols["id"][ok].astype(np.int64), cols["candidates"][ok].astype(bool),
+                                cols["votes"][ok].astype(np.int64),
+                                cols["probs"][ok].astype(np.float32) if self.save_probs else None,
+                                meta)
+        write_annotations(table, shard_path(self.parts, s))
+        self.written += 1
+
+    def finish(self) -> None:
+        if self.buf:
+            missing = {s: self.expected[s] - self.count[s] for s in self.buf}
+            first = next(iter(missing))
+            raise CoregError(f"{len(missing)} shards did not receive all their rows (shard {first} "
+                             f"is missing {missing[first]}); re-run to resume")
+
+
+def _load_annotator_table(parts: Path, plan: _Plan, k: int, c: int, source: str):
+    """Concatenate all shards -> (AnnotationTable in input order, skipped [{id, error}])."""
+    ids, cand, votes, probs, skipped, meta = [], [], [], [], [], {}
+    for s in range(plan.num_shards):
+        t = read_annotations(shard_path(parts, s), c)
+        meta = t.meta
+        skipped.extend(t.meta.get("skipped", []))
+        ids.append(t.ids)
+        cand.append(t.candidates)
+        votes.append(t.votes if t.votes is not None else np.zeros((len(t), k), np.int64))
+        probs.append(t.probs)
+    ids = np.concatenate(ids)
+    got = np.concatenate([ids, np.asarray([r["id"] for r in skipped], np.int64)])
+    if len(got) != len(plan.ids) or len(np.unique(got)) != len(got) \
+            or not np.array_equal(np.sort(got), plan._sorted):
+        raise CoregError(f"{source}: the shards in {parts} do not cover every id exactly once; "
+                         "delete the folder (or pass restart=True) and run again")
+    order = np.argsort(plan.position(ids), kind="stable")
+    have_probs = all(p is not None for p in probs) and len(probs) > 0
+    table = AnnotationTable(
+        ids[order], np.concatenate(cand)[order], np.concatenate(votes)[order],
+        np.concatenate(probs)[order] if have_probs else None,
+        {key: v for key, v in meta.items() if key not in ("shard", "skipped", "num_classes")})
+    return table, skipped
+
+
+# ----------------------------------------------------------------------------- engines
+def _decode_udf(batch: dict, prep: dict, skip=None) -> dict:
+    """CPU task: drop rows of finished shards, decode + resize the rest (never raises on bad
+    images: they get an error string)."""
+    from coreg_ray.annotate.clip import decode_batch_bytes
+
+    ids = np.asarray(batch["id"], np.int64)
+    blobs = batch["image"]
+    if skip is not None and len(skip):
+        keep = ~np.isin(ids, skip)
+        ids, blobs = ids[keep], np.asarray(blobs, dtype=object)[keep]
+    pixels, errors = decode_batch_bytes(blobs, ids, prep)
+    return {"id": ids, "pixels": pixels, "error": errors}
+
+
+def _resources(ray, num_actors, actor_cpus, use_gpu):
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    gpu = gpus >= 1 if use_gpu is None else bool(use_gpu)
+    if gpu and gpus < 1:
+        raise CoregError("use_gpu=True but the Ray cluster has no GPU")
+    n = int(num_actors) if num_actors else (max(1, int(gpus)) if gpu else 1)
+    if n < 1:
+        raise CoregError(f"num_actors must be >= 1, got {num_actors}")
+    if gpu and n > gpus:
+        raise CoregError(f"{n} GPU actors asked for but the cluster has {gpus:g} GPUs")
+    free = max(0.0, cpus - 1.0)  # one CPU stays with the read/decode tasks (else they starve)
+    if actor_cpus is None:
+        actor_cpus = min(1.0, max(0.25, free / n)) if gpu else max(0.25, free / n)
+    actor_cpus = float(actor_cpus)
+    decode_cpus = 0.5 if actor_cpus != 0.5 else 0.25  # differing args: Ray keeps decode separate
+    return {"gpu": gpu, "num_actors": n, "actor_cpus": actor_cpus, "decode_cpus": decode_cpus,
+            "threads": max(1, int(actor_cpus)), "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def _coreg_cause(exc: BaseException) -> CoregError | None:
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CoregError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res):
+    ray = require("ray", "ray")
+    import ray.data  # noqa: F401
+
+    ctx = ray.data.DataContext.get_current()
+    saved = {a: getattr(ctx, a) for a in ("use_datasource_v2", "enable_progress_bars")
+             if hasattr(ctx, a)}
+    # Ray 2.60's Parquet datasource V2 starts 32 footer-reader actors per read (seconds of
+    # start-up on a small node); the V1 reader is enough for image tables.
+    if "use_datasource_v2" in saved:
+        ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = False  # the driver shows one bar over images instead
+    try:
+        from coreg_ray.annotate.clip import ClipAnnotator
+
+        ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"])
+        ds = ds.select_columns(["id", "image"])
+        ds = ds.map_batches(_decode_udf, fn_kwargs={"prep": prep, "skip": skip},
+                            batch_size=batch_size, batch_format="numpy",
+                            num_cpus=res["decode_cpus"])
+        remote = {"num_cpus": res["actor_cpus"]}
+        if res["gpu"]:
+            remote["num_gpus"] = 1
+        ds = ds.map_batches(ClipAnnotator, compute=ray.data.ActorPoolStrategy(size=res["num_actors"]),
+                            fn_constructor_kwargs=dict(ann_kwargs, num_threads=res["threads"]),
+                            batch_size=batch_size, batch_format="numpy", **remote)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    finally:
+        for a, v in saved.items():
+            setattr(ctx, a, v)
+
+
+def _local_batches(files, skip, prep, ann_kwargs, batch_size):
+    import pyarrow.parquet as pq
+
+    from coreg_ray.annotate.clip import ClipAnnotator
+
+    annotator = ClipAnnotator(**ann_kwargs)
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image"]):
+            batch = {"id": rb.column(0).to_numpy().astype(np.int64),
+                     "image": np.asarray(rb.column(1).to_pylist(), dtype=object)}
+            dec = _decode_udf(batch, prep, skip)
+            if len(dec["id"]):
+                yield annotator(dec)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _parse_merge(merge) -> int | None:
+    if merge is None or merge == "union":
+        return None
+    if isinstance(merge, int):
+        return merge
+    s = str(merge)
+    if s.startswith("min_votes:"):
+        try:
+            v = int(s.split(":", 1)[1])
+        except ValueError:
+            v = 0
+        if v >= 1:
+            return v
+    raise CoregError(f"merge {merge!r}: use 'union' or 'min_votes:N' (N >= 1)")
+
+
+def run_annotation(images_path, annotators, output, report=None, *, classes=None,
+                   templates=None, candidate_mode: str = "union", merge="union",
+                   image_size: int | None = None, batch_size: int | None = None,
+                   num_actors: int | None = None, actor_cpus: float | None = None,
+                   use_gpu: bool | None = None, shard_size: int = 4096,
+                   on_bad_image: str = "skip", restart: bool = False, precision: str = "auto",
+                   logit_scale: float = logic.DEFAULT_LOGIT_SCALE, save_probs: bool = True,
+                   engine: str = "ray", ray_address: str | None = None,
+                   allow_download: bool | None = None, progress: bool = True) -> dict:
+    """Annotate a Parquet image table with one or more CLIP annotators (module doc).
+
+    images_path: .parquet file, folder with train.parquet, or folder of .parquet files.
+    annotators: ["clip:MODEL[/PRETRAINED]", ...] (a single string is accepted).
+    output: the annotation table to write (Parquet); shards go to OUTPUT.parts/.
+    report: path (stem, .json or .md) for the JSON + Markdown quality report, or None.
+    classes: names for prompting (see `resolve_classes`; default classes.json beside the data).
+    templates: "small" (default, 27) | "imagenet" (80) | file | list.
+    candidate_mode: "union" (paper) | "topk:K" | "threshold:P" | "ratio:R".
+    merge: "union" | "min_votes:N" (several annotators).
+    image_size: override the model's input resolution (tests; random weights).
+    batch_size: images per actor call (default 256 with GPUs, 32 on CPU).
+    num_actors / actor_cpus / use_gpu: actor pool (default: one actor per GPU with 1 GPU each;
+      on CPU one actor with all CPUs but one).
+    engine: "ray" or "local" (this process, no Ray). Ray is started here if not running
+      (``ray.init(address=ray_address)``) and stopped again at the end.
+    Returns the report as a dict (also when `report` is None).
+    """
+    t_start = time.time()
+    if isinstance(annotators, str):
+        annotators = [annotators]
+    annotators = list(annotators)
+    if not annotators:
+        raise CoregError("no annotators given (e.g. clip:ViT-B-32/openai)")
+    if len(set(annotators)) != len(annotators):
+        raise CoregError("the same annotator is listed twice")
+    if on_bad_image not in ("skip", "fail"):
+        raise CoregError(f"on_bad_image {on_bad_image!r}: use 'skip' or 'fail'")
+    if engine not in ("ray", "local"):
+        raise CoregError(f"engine {engine!r}: use 'ray' or 'local'")
+    min_votes = _parse_merge(merge)
+    logic.parse_candidate_mode(candidate_mode)
+
+    from coreg_ray.annotate.clip import check_weights_available, resolve_preprocess
+
+    files = input_files(images_path)
+    source = str(images_path)
+    ids, labels = read_index(files)
+    classes = resolve_classes(classes, _default_classes(files))
+    templates = resolve_templates(templates)
+    if labels is not None and labels.max(initial=0) >= len(classes):
+        raise CoregError(f"{source}: label {int(labels.max())} but only {len(classes)} class names")
+    specs = []
+    for a in annotators:
+        if not str(a).startswith("clip:"):
+            raise CoregError(f"annotator {a!r}: this pipeline runs clip:MODEL[/PRETRAINED] annotators")
+        specs.append(check_weights_available(a, allow_download))
+    preps = [resolve_preprocess(cs, image_size) for cs in specs]
+    plan = _Plan(ids, shard_size)
+    output = Path(output)
+    parts_root = output.with_name(output.name + ".parts")
+    if restart and parts_root.exists():
+        shutil.rmtree(parts_root)
+    ids_hash = hashlib.sha1(ids.tobytes()).hexdigest()
+    settings = {"ids_sha1": ids_hash, "num_rows": int(len(ids)), "shard_size": plan.shard_size,
+                "annotators": annotators, "classes": classes, "templates": templates,
+                "candidate_mode": candidate_mode, "image_size": image_size,
+                "logit_scale": float(logit_scale), "save_probs": bool(save_probs)}
+    plan_file = parts_root / PLAN_FILE
+    if plan_file.exists():
+        try:
+            old = json.loads(plan_file.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise CoregError(f"{parts_root} holds shards made with other settings ({', '.join(diff)}); "
+                             "use the same settings to resume, or restart=True (--restart) to start over")
+    parts_root.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps(dict(settings, files=[str(f) for f in files]), indent=1))
+
+    k, c = len(templates), len(classes)
+    ray_mod, started_ray, res = None, False, None
+    timing = {"shards_computed": 0, "shards_reused": 0, "images_annotated": 0}
+    compute_s = 0.0
+    per_ann = []
+    try:
+        for i, (spec, cs, prep) in enumerate(zip(annotators, specs, preps)):
+            parts = parts_root if len(annotators) == 1 else parts_root / f"annotator-{i}"
+            parts.mkdir(parents=True, exist_ok=True)
+            tag = _fingerprint(dict(settings, annotator=spec))
+            pending = [s for s in range(plan.num_shards)
+                       if _shard_plan_tag(shard_path(parts, s)) != tag]
+            timing["shards_reused"] += plan.num_shards - len(pending)
+            if pending:
+                pend_set = set(pending)
+                skip = None
+                if len(pending) < plan.num_shards:
+                    skip = np.concatenate([plan.shard_ids(s) for s in range(plan.num_shards)
+                                           if s not in pend_set])
+                meta = {"annotator": spec, "classes": classes, "templates": templates,
+                        "candidate_mode": candidate_mode, "image_size": prep["size"], "plan": tag}
+                writer = _ShardWriter(parts, plan, pending, meta, k, c, save_probs, on_bad_image, source)
+                ann_kwargs = dict(spec=spec, classes=classes, templates=templates,
+                                  candidate_mode=candidate_mode, image_size=image_size,
+                                  precision=precision, logit_scale=logit_scale,
+                                  allow_download=allow_download)
+                if engine == "ray":
+                    if ray_mod is None:
+                        ray_mod = require("ray", "ray")
+                        if not ray_mod.is_initialized():
+                            ray_mod.init(address=ray_address)
+                            started_ray = True
+                        res = _resources(ray_mod, num_actors, actor_cpus, use_gpu)
+                    bs = batch_size or (256 if res["gpu"] else 32)
+                    batches = _ray_batches(files, skip, prep, ann_kwargs, bs, res)
+                else:
+                    batches = _local_batches(files, skip, prep, ann_kwargs, batch_size or 32)
+                total = sum(len(plan.shard_ids(s)) for s in pending)
+                bar = None
+                if progress:
+                    from tqdm import tqdm
+                    bar = tqdm(total=total, unit="img", desc=f"annotate {spec}", dynamic_ncols=True)
+                t0 = time.time()
+                try:
+                    for batch in batches:
+                        n = writer.add(batch)
+                        if bar is not None:
+                            bar.update(n)
+                            bar.set_postfix(shards=f"{writer.written}/{len(pending)}")
+                except CoregError:
+                    raise
+                except Exception as exc:
+                    cause = _coreg_cause(exc)
+                    if cause is not None:
+                        raise CoregError(str(cause.args[0]) if cause.args else str(cause)) from None
+                    raise
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:
+                        close()
+                    if bar is not None:
+                        bar.close()
+                writer.finish()
+                compute_s += time.time() - t0
+                timing["shards_computed"] += writer.written
+                timing["images_annotated"] += writer.rows
+            table, skipped = _load_annotator_table(parts, plan, k, c, source)
+            per_ann.append((spec, table, skipped))
+    finally:
+        if started_ray:
+            ray_mod.shutdown()
+
+    # ----------------------------------------------------------------- merge + write
+    skipped = {r["id"]: r["error"] for _, _, sk in per_ann for r in sk}
+    tables = [t for _, t, _ in per_ann]
+    if len(tables) == 1:
+        final = tables[0]
+        final.meta = dict(final.meta, annotator=annotators[0], merge="single")
+    else:
+        common = tables[0].ids  # ids every annotator annotated (same decode -> normally all)
+        for t in tables[1:]:
+            common = common[np.isin(common, t.ids)]
+        tables = [t.subset(np.flatnonzero(np.isin(t.ids, common))).align_to(common, "merge")
+                  for t in tables]
+        final = merge_annotations(tables, min_votes)
+    final.meta.update({"classes": classes, "templates": templates,
+                       "candidate_mode": candidate_mode, "image_size": [p["size"] for p in preps],
+                       "source": [str(f) for f in files],
+                       "skipped": sorted(int(i) for i in skipped)})
+    final.meta.pop("plan", None)
+    write_annotations(final, output)
+
+    # ----------------------------------------------------------------- report
+    from coreg_ray.annotate.report import quality, write_report
+
+    lab_of = None
+    if labels is not None:
+        lab_of = lambda t: labels[plan.position(t.ids)]  # noqa: E731
+    if len(annotators) == 1:
+        names = list(templates)
+    else:
+        names = [f"{a} | {t}" for a in annotators for t in templates]
+    rep = {
+        "source": source, "output": str(output), "parts": str(parts_root),
+        "annotators": annotators, "merge": "single" if len(annotators) == 1 else
+        ("union" if min_votes is None else f"min_votes:{min_votes}"),
+        "candidate_mode": candidate_mode, "num_templates": k, "num_classes": c,
+        "classes": classes, "templates": templates, "labels": labels is not None,
+        "rows_in_input": int(len(ids)), "skipped": len(skipped),
+        "skipped_images": [{"id": int(i), "error": e} for i, e in sorted(skipped.items())],
+        "quality": quality(final, lab_of(final) if lab_of else None, classes, names),
+        "per_annotator": [{"annotator": a, "quality": quality(t, lab_of(t) if lab_of else None,
+                                                              classes, list(templates))}
+                          for a, t, _ in per_ann],
+        "engine": engine,
+        "resources": res,
+        "timing": dict(timing, seconds=compute_s, total_seconds=time.time() - t_start,
+                       images_per_s=(timing["images_annotated"] / compute_s) if compute_s else 0.0),
+    }
+    if report is not None:
+        jp, mp = write_report(rep, report)
+        rep["report_files"] = [str(jp), str(mp)]
+    return rep

@@ -1,0 +1,77 @@
+"""The `coreg-ray` command line as a user runs it: real files, real MLflow store."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from coreg_ray.cli import main
+
+
+def run(*args):
+    return main(list(args))
+
+
+def test_synth_train_evaluate_with_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run("synth", "--images", "digits:train", "--q", "0.2", "--eta", "0.1",
+               "--output", "ann.parquet") == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert 0.85 < stats["partial_accuracy"] < 0.95  # eta=0.1 removes ~10% of truths
+    rc = run("train", "--images", "digits:train", "--annotations", "ann.parquet",
+             "--test-images", "digits:test", "--output", "run",
+             "--set", "model.backbone=mlp", "--set", "data.hflip=false",
+             "--set", "train.epochs=3", "--set", "train.warmup_epochs=1",
+             "--set", "train.batch_size=128", "--set", "coreg.queue_size=256")
+    assert rc == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test_accuracy", "annotator_accuracy", "partial_accuracy", "avg_candidates",
+                "epochs", "seconds"):
+        assert m[key] is not None, key
+    assert m["epochs"] == 3 and len(m["history"]) == 3
+    assert (tmp_path / "run" / "model.pt").exists()
+    assert "train:\n  epochs: 3" in (tmp_path / "run" / "config.yaml").read_text()
+    # MLflow: embedded SQLite store in the working directory, one finished run with metrics
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["coreg-ray"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])
+    assert runs.iloc[0]["params.train.epochs"] == "3"
+    capsys.readouterr()
+    assert run("evaluate", "--model", "run/model.pt", "--images", "digits:test") == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["accuracy"] == pytest.approx(m["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--images", "nope.parquet", "--annotations", "a.parquet", "--output", "o"],
+     "image table not found: nope.parquet"),
+    (["train", "--images", "digits:train", "--annotations", "missing.parquet", "--output", "o"],
+     "annotation table not found"),
+    (["train", "--images", "digits:train", "--annotations", "ann.parquet", "--output", "o",
+      "--set", "train.epoch=3"], "config key 'train.epoch' does not exist"),
+    (["synth", "--images", "digits", "--q", "2", "--eta", "0", "--output", "x.parquet"],
+     "q and eta must be in [0, 1]"),
+    (["train", "--images", "digits:test", "--annotations", "ann.parquet", "--output", "o"],
+     "image ids have no annotation"),
+    (["evaluate", "--model", "nope.pt", "--images", "digits:test"], "model not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert run("synth", "--images", "digits:train", "--q", "0.1", "--eta", "0",
+               "--output", "ann.parquet") == 0
+    capsys.readouterr()
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coreg-ray: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "coreg_ray.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for sub in ("synth", "simulate-annotator", "train", "evaluate", "quickstart"):
+        assert sub in out

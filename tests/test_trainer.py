@@ -1,0 +1,98 @@
+"""The Co-Reg loop end to end on real digits (CPU, MLP): it learns, every phase runs,
+checkpoints resume exactly, and the exported model predicts like the trainer."""
+import numpy as np
+import pytest
+import torch
+
+from coreg_ray.coreg.trainer import CHECKPOINT, Classifier, CoReg
+from coreg_ray.data import simulate_vlm_annotator, synthetic_annotations
+from coreg_ray.errors import CoregError
+from tests.conftest import tiny_config
+
+
+def test_learns_from_noisy_candidates_and_runs_every_phase(digits):
+    train, test = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
+    trainer = CoReg(tiny_config(**{"coreg.sharpen_T": 0.1, "train.epochs": 7, "train.warmup_epochs": 3}),
+                    progress=False)
+    final = trainer.fit(train, ann, test)
+    phases = [h["phase"] for h in trainer.history]
+    assert phases == ["warmup"] * 3 + ["coreg"] * 4
+    last = trainer.history[-1]
+    # feature terms switched on after warm-up + delay
+    assert last["loss_prot"] > 0 and last["loss_cont"] > 0
+    assert 0 < last["p_fraction"] < 1
+    assert final["test_accuracy"] > 0.4  # chance is 0.1
+
+
+def test_resume_replays_exactly(digits, tmp_path):
+    train, _ = digits
+    train = train.subset(np.arange(600))
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=1)
+    straight = CoReg(tiny_config(**{"train.epochs": 5}), progress=False)
+    straight.fit(train, ann)
+
+    first = CoReg(tiny_config(**{"train.epochs": 5}), progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_3(epoch, stats, trainer):
+        if epoch == 3:
+            raise Kill
+
+    first.callbacks.append(kill_after_3)
+    with pytest.raises(Kill):
+        first.fit(train, ann, output_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT).exists()
+    resumed = CoReg(tiny_config(**{"train.epochs": 5}), progress=False)
+    resumed.fit(train, ann, output_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight.raw_nets, resumed.raw_nets):
+        for (k, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), k
+    assert torch.equal(straight.prototypes, resumed.prototypes)
+
+
+def test_exported_model_matches_trainer(digits, tmp_path):
+    train, test = digits
+    ann = simulate_vlm_annotator(train.images, train.labels, 10, train.ids, n_templates=4,
+                                 per_class=3)
+    trainer = CoReg(tiny_config(**{"train.epochs": 3}), progress=False)
+    final = trainer.fit(train, ann, test)
+    trainer.save_model(tmp_path / "model.pt")
+    clf = Classifier.load(tmp_path / "model.pt", "cpu")
+    res = clf.evaluate(test)
+    assert res["accuracy"] == pytest.approx(final["test_accuracy"], abs=1e-6)
+    assert set(res["per_class_accuracy"]) == set(test.classes)
+
+
+def test_few_shot_samples_are_trusted(digits):
+    train, _ = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.5, eta=0.5, seed=2)
+    trainer = CoReg(tiny_config(**{"train.epochs": 3, "fewshot.shots": 4}), progress=False)
+    trainer.fit(train, ann)
+    idx = torch.as_tensor(trainer.trusted_index)
+    assert len(idx) == 40
+    cand = trainer.candidates[idx]
+    assert torch.equal(cand.argmax(1).cpu(), torch.as_tensor(train.labels[trainer.trusted_index]))
+    assert torch.all(cand.sum(1) == 1)
+    for w in trainer.split_w:
+        assert torch.all(w[idx] == 1.0)
+
+
+def test_bad_inputs_fail_with_one_line(digits):
+    train, test = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, 0.1, 0.0)
+    with pytest.raises(CoregError, match="warmup_epochs"):
+        CoReg(tiny_config(**{"train.warmup_epochs": 9, "train.epochs": 3})).fit(train, ann)
+    bad = ann.subset(np.arange(len(ann) - 1))
+    with pytest.raises(CoregError, match="no annotation"):
+        CoReg(tiny_config()).fit(train, bad)
+    empty = ann.subset(np.arange(len(ann)))
+    empty.candidates = empty.candidates.copy()
+    empty.candidates[5] = False
+    with pytest.raises(CoregError, match=f"row id {train.ids[5]}"):
+        CoReg(tiny_config()).fit(train, empty)
+    with pytest.raises(CoregError, match="unknown backbone"):
+        CoReg(tiny_config(**{"model.backbone": "resnet9000"})).fit(train, ann)
