@@ -113,8 +113,8 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     except KeyboardInterrupt:
         if run:
             run.__exit__(KeyboardInterrupt, None, None)
-        log(f"interrupted: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
-            f"continue with the same command plus --resume")
+        print(f"interrupted: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
+              f"continue with the same command plus --resume", file=sys.stderr)
         raise
     except BaseException as exc:
         if run:
@@ -144,12 +144,50 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
 
 
 def cmd_train(args):
+    if args.workers:  # Ray Train: N DDP workers (coreg_ray/distributed/train.py)
+        from coreg_ray.distributed.train import summarize, train_distributed
+
+        m = train_distributed(args.images, args.annotations, args.output, args.config,
+                              args.set or [], args.test_images, workers=args.workers,
+                              gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+                              max_failures=args.max_failures, image_size=args.image_size,
+                              limit=args.limit, mlflow=not args.no_mlflow, run_name=args.run_name)
+        print(summarize(m))
+        return
     m = train_run(args.images, args.annotations, args.output, args.config, args.set or [],
                   args.test_images, args.resume, args.image_size, args.limit,
                   mlflow=not args.no_mlflow, run_name=args.run_name)
     show = {k: m[k] for k in ("test_accuracy", "annotator_accuracy", "partial_accuracy",
                               "avg_candidates", "epochs", "seconds") if k in m}
     print(json.dumps(show, default=float))
+
+
+def cmd_tune(args):
+    from coreg_ray.distributed.tune import run_sweep
+
+    s = run_sweep(args.config, args.output, args.set or [], args.num_samples,
+                  mlflow=not args.no_mlflow)
+    best = s["best"]
+    print(json.dumps({"best_trial": best["trial_id"], s["metric"]: best[s["metric"]],
+                      "best_params": best["params"], "ranking": s["ranking"],
+                      "trials_completed": s["trials_completed"],
+                      "trials_stopped_early": s["trials_stopped_early"],
+                      "wall_seconds": s["wall_seconds"], "best_model": s["best_model"]},
+                     default=float))
+
+
+def cmd_annotate(args):
+    from coreg_ray.annotate.pipeline import run_annotation
+
+    rep = run_annotation(args.images, args.annotator, args.output, args.report,
+                         classes=args.classes, templates=args.templates,
+                         candidate_mode=args.mode, merge=args.merge, image_size=args.image_size,
+                         batch_size=args.batch_size, num_actors=args.actors,
+                         shard_size=args.shard_size,
+                         on_bad_image="fail" if args.fail_on_bad_image else "skip",
+                         restart=args.restart, engine=args.engine)
+    keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy", "skipped")
+    print(json.dumps({k: rep[k] for k in keys if k in rep}, default=float))
 
 
 def cmd_evaluate(args):
@@ -190,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(fn=cmd_simulate)
 
+    p = sub.add_parser("annotate", help="VLM candidate labels through Ray Data (CLIP)")
+    p.add_argument("--images", required=True, help="Parquet image table (file or folder)")
+    p.add_argument("--annotator", action="append", required=True,
+                   help="clip:MODEL[/PRETRAINED] (tag, weights path, local-dir:, hf-hub:, random); repeatable")
+    p.add_argument("--output", required=True, help="annotation table (.parquet)")
+    p.add_argument("--report", default=None, help="report path stem (.json + .md)")
+    p.add_argument("--classes", default=None, help="class names: .json/.txt, svhn, gtsrb[:FILE]")
+    p.add_argument("--templates", default="small", help="small (27) | imagenet (80) | FILE")
+    p.add_argument("--mode", default="union", help="union | topk:K | threshold:P | ratio:R")
+    p.add_argument("--merge", default="union", help="union | min_votes:N (several annotators)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--actors", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--fail-on-bad-image", action="store_true")
+    p.add_argument("--restart", action="store_true", help="ignore finished shards")
+    p.add_argument("--engine", default="ray", choices=["ray", "local"])
+    p.set_defaults(fn=cmd_annotate)
+
     p = sub.add_parser("report", help="statistics of an annotation table")
     p.add_argument("--annotations", required=True)
     _add_images(p, required=False); _common_table_args(p)
@@ -205,7 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--run-name", default=None)
+    p.add_argument("--workers", type=int, default=0,
+                   help="run on Ray Train with N DDP workers (0: this process, no Ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Train checkpoints (default OUTPUT/ray; shared or s3:// on a cluster); "
+                        "launching again with the same path and output resumes")
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep (ASHA) over Co-Reg hyper-parameters")
+    p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep-*.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override the sweep's base config, e.g. train.epochs=8")
+    p.add_argument("--output", default=None, help="default: the sweep file's output")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained model.pt on a labelled table")
     p.add_argument("--model", required=True)

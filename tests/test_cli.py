@@ -75,3 +75,40 @@ def test_console_script_help():
                          text=True, check=True).stdout
     for sub in ("synth", "simulate-annotator", "train", "evaluate", "quickstart"):
         assert sub in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+    """SIGINT mid-run: exit code 130, a checkpoint of the last finished epoch, no metrics.json;
+    `--resume` then finishes every epoch."""
+    import signal
+    import time
+
+    assert main(["synth", "--images", "digits:train", "--q", "0.1", "--eta", "0.0",
+                 "--output", str(tmp_path / "ann.parquet")]) == 0
+    cmd = [sys.executable, "-m", "coreg_ray.cli", "train", "--images", "digits:train",
+           "--annotations", str(tmp_path / "ann.parquet"), "--output", str(tmp_path / "run"),
+           "--no-mlflow", "--set", "model.backbone=mlp", "--set", "train.epochs=40",
+           "--set", "train.warmup_epochs=2", "--set", "train.batch_size=128",
+           "--set", "coreg.queue_size=256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate()[1][-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    import torch
+
+    done = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 0 <= done < 39
+    short = [c if c != "train.epochs=40" else f"train.epochs={done + 3}" for c in cmd]
+    res = subprocess.run(short + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == list(range(done + 3))

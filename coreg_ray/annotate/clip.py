@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from coreg_ray.annotate import logic
+from coreg_ray.annotate.imageio import decode_batch_bytes, decode_image, prepare_image  # noqa: F401
 from coreg_ray.annotate.templates import build_prompts, resolve_classes, resolve_templates
 from coreg_ray.errors import CoregError, require
 
@@ -124,7 +124,8 @@ def _check_model_name(model: str, spec: str) -> None:
         close = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else \
             " (open_clip.list_models() lists them)"
-        raise CoregError(f"annotator {spec!r}: unknown open_clip model {model!r}{hint}")
+        raise CoregError(f"annotator {spec!r}: unknown open_clip model {model!r}{hint}; a model "
+                         "of your own: clip:local-dir:DIR (open_clip_config.json + weights)")
 
 
 def parse_clip_spec(spec: str) -> ClipSpec:
@@ -285,76 +286,6 @@ def _square(size, what) -> int:
             raise CoregError(f"{what}: non-square model input {tuple(size)} is not supported")
         size = size[0]
     return int(size)
-
-
-def _pil_filter(name: str):
-    from PIL import Image
-    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-            "lanczos": Image.LANCZOS}.get(str(name).lower(), Image.BICUBIC)
-
-
-def prepare_image(img, size: int, resize_mode: str = "shortest", interpolation: str = "bicubic",
-                  fill_color: int = 0) -> np.ndarray:
-    """A PIL image -> uint8 [size, size, 3] RGB, as open_clip's eval transform does it:
-    'shortest' resizes the short side to `size` and centre-crops; 'longest' resizes the long
-    side and pads with `fill_color`; 'squash' resizes both sides."""
-    from PIL import Image
-
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if ("A" in img.getbands() or img.mode == "P") \
-            else img.convert("RGB")
-    w, h = img.size
-    filt = _pil_filter(interpolation)
-    if (w, h) == (size, size):
-        pass
-    elif resize_mode == "squash":
-        img = img.resize((size, size), filt)
-    elif resize_mode == "longest":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((nw, nh), filt)
-        canvas = Image.new("RGB", (size, size), (fill_color,) * 3)
-        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
-        img = canvas
-    else:  # shortest + centre crop (torchvision Resize(int) + CenterCrop)
-        if w <= h:
-            nw, nh = size, int(size * h / w)
-        else:
-            nw, nh = int(size * w / h), size
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), filt)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
-
-
-def decode_image(blob, size: int, resize_mode="shortest", interpolation="bicubic",
-                 fill_color=0) -> np.ndarray:
-    """Encoded bytes (or an HF-style {'bytes': ...} dict) -> uint8 [size, size, 3]; raises on
-    unreadable data."""
-    from PIL import Image
-
-    if isinstance(blob, dict):
-        blob = blob.get("bytes")
-    if blob is None:
-        raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(bytes(blob))) as im:
-        im.load()
-        return prepare_image(im, size, resize_mode, interpolation, fill_color)
-
-
-def decode_batch_bytes(blobs, ids, prep: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a batch; unreadable images become zeros with an error string (never raises)."""
-    size = prep["size"]
-    out = np.zeros((len(blobs), size, size, 3), np.uint8)
-    errors = np.full(len(blobs), "", dtype=object)
-    for i, blob in enumerate(blobs):
-        try:
-            out[i] = decode_image(blob, size, prep["resize_mode"], prep["interpolation"],
-                                  prep["fill_color"])
-        except Exception as exc:  # PIL raises many types for corrupt data
-            errors[i] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-    return out, errors
 
 
 # ----------------------------------------------------------------------------- model
