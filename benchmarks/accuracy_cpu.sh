@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # CPU-sized accuracy check: annotator vs warm-up-only vs Co-Reg on the same data, backbone,
-# epochs and seed. Usage: bash benchmarks/accuracy_cpu.sh OUTDIR [N_TRAIN] [EPOCHS] [WARMUP]
+# epochs and seed. Usage:
+#   bash benchmarks/accuracy_cpu.sh OUTDIR N_TRAIN EPOCHS WARMUP PER_CLASS [extra --set args...]
 set -euo pipefail
-out=${1:-runs/bench-cifar}; n=${2:-2000}; ep=${3:-20}; wu=${4:-8}
+out=${1:-runs/bench-cifar}; n=${2:-2000}; ep=${3:-30}; wu=${4:-10}; pc=${5:-10}
+shift 5 || true
 data=${COREG_DATA:-../shared/data/cifar10-jpeg}
 mkdir -p "$out"
 coreg-ray simulate-annotator --images "$data/train.parquet" --limit "$n" --templates 8 \
-  --per-class 20 --output "$out/ann.parquet" | tee "$out/annotator.json"
+  --per-class "$pc" --output "$out/ann.parquet" --test-images "$data/test.parquet" \
+  --test-output "$out/test-ann.parquet" | tee "$out/annotator.json"
 common=(--images "$data/train.parquet" --limit "$n" --annotations "$out/ann.parquet"
         --test-images "$data/test.parquet" --no-mlflow --set model.backbone=small_cnn
         --set train.epochs="$ep" --set train.batch_size=64 --set train.warmup_batch_size=128
-        --set coreg.queue_size=1024 --set coreg.feature_delay=2 --set train.eval_every=5)
+        --set coreg.queue_size=1024 --set coreg.feature_delay=2 --set train.eval_every=5 "$@")
 coreg-ray train "${common[@]}" --set train.warmup_epochs="$ep" --output "$out/warmup-only" | tee "$out/warmup-only.json"
 coreg-ray train "${common[@]}" --set train.warmup_epochs="$wu" --output "$out/coreg" | tee "$out/coreg.json"

@@ -54,7 +54,17 @@ def cmd_simulate(args):
     vlm.fit(table.images, table.labels, table.num_classes)
     ann = vlm.annotate(table.images, table.ids)
     ann.meta["classes"] = table.classes
+    test = None
+    if args.test_images:
+        if not args.test_output:
+            raise CoregError("--test-images needs --test-output")
+        test = load_image_table(args.test_images, args.image_size)
+        test_ann = vlm.annotate(test.images, test.ids)
+        test_ann.meta["classes"] = test.classes
     write_annotations(ann, args.output)
+    if test is not None:
+        write_annotations(test_ann, args.test_output)
+        print(json.dumps({"test": annotation_stats(test_ann, test.labels)}, default=float))
     print("note: simulated annotator = weak classifiers standing in for a VLM (not a VLM)",
           file=sys.stderr)
     print(json.dumps(annotation_stats(ann, table.labels), default=float))
@@ -226,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
+    p.add_argument("--test-images", default=None, help="also annotate this table (same templates)")
+    p.add_argument("--test-output", default=None)
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("annotate", help="VLM candidate labels through Ray Data (CLIP)")

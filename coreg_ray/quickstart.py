@@ -37,7 +37,9 @@ def run_quickstart(output="runs/quickstart", epochs=None, seed=0, mlflow=True, l
     train = load_image_table("digits:train")
     test = load_image_table("digits:test")
     log(f"data: scikit-learn digits, {len(train)} train / {len(test)} test images, 8x8")
-    vlm = SimulatedVLM(n_templates=6, per_class=3, feature_fraction=0.5, seed=seed)
+    # A deliberately weak stand-in annotator (3 templates, 1 labelled image per class each):
+    # ~0.66 ensemble accuracy, ~0.83 partial accuracy, like the paper's harder datasets.
+    vlm = SimulatedVLM(n_templates=3, per_class=1, feature_fraction=0.5, seed=seed)
     vlm.fit(train.images, train.labels, train.num_classes)
     ann = vlm.annotate(train.images, train.ids)
     test_ann = vlm.annotate(test.images, test.ids)
