@@ -2,11 +2,17 @@
 
     run_annotation("data/train.parquet", ["clip:ViT-B-32/openai"], "ann.parquet",
                    report="ann-report")
+    run_annotation("data/train.parquet", ["llava:llava-hf/llava-1.5-7b-hf"], "ann.parquet",
+                   llava={"tensor_parallel_size": 1, "max_num_seqs": 128})
+
+Annotators: ``clip:MODEL[/PRETRAINED]`` (`coreg_ray.annotate.clip`) and ``llava:PATH_OR_HF_ID``
+(`coreg_ray.annotate.llava`: a vLLM engine per actor, run from the separate vLLM environment).
 
 Engine ``ray`` (default) is a Ray Data stream: ``read_parquet`` -> decode + resize on CPU tasks
--> `ClipAnnotator` on an actor pool (one GPU per actor when the cluster has GPUs, else a share
-of the CPUs, always leaving one CPU to the read/decode tasks) -> the driver, which writes
-finished shards. Engine ``local`` runs the same steps in this process without Ray.
+-> `ClipAnnotator` / `LlavaAnnotator` on an actor pool (CLIP: one GPU per actor when the
+cluster has GPUs; LLaVA: ``tensor_parallel_size`` GPUs per engine actor; on CPU a share of the
+CPUs, always leaving one CPU to the read/decode tasks) -> the driver, which writes finished
+shards. Engine ``local`` runs the same steps in this process without Ray.
 
 Resumable: the input rows, in file order, are cut into shards of `shard_size` rows; every
 finished shard is written at once, atomically, to ``OUTPUT.parts/shard-XXXXX.parquet``
@@ -262,6 +268,31 @@ def _resources(ray, num_actors, actor_cpus, use_gpu):
             "threads": max(1, int(actor_cpus)), "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
+def _llava_resources(ray, opts, num_actors, actor_cpus, use_gpu):
+    """Engine actors for a LLaVA annotator: `tensor_parallel_size` GPUs each; `replicas` (else
+    num_actors, else GPUs // tensor_parallel_size; one on CPU)."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    gpu = gpus >= 1 if use_gpu is None else bool(use_gpu)
+    if gpu and gpus < 1:
+        raise CoregError("use_gpu=True but the Ray cluster has no GPU")
+    tp = int(opts.tensor_parallel_size)
+    n = int(opts.replicas or num_actors or (max(1, int(gpus // tp)) if gpu else 1))
+    if n < 1:
+        raise CoregError(f"replicas must be >= 1, got {n}")
+    if gpu and n * tp > gpus:
+        raise CoregError(f"{n} vLLM engine replicas x tensor_parallel_size {tp} = {n * tp} GPUs "
+                         f"asked for but the cluster has {gpus:g} GPUs")
+    free = max(0.0, cpus - 1.0)  # one CPU stays with the read/decode tasks
+    a = opts.actor_cpus if opts.actor_cpus is not None else actor_cpus
+    if a is None:
+        a = min(1.0, max(0.25, free / n)) if gpu else max(0.25, free / n)
+    a = float(a)
+    return {"gpu": gpu, "num_actors": n, "num_gpus": tp if gpu else 0, "actor_cpus": a,
+            "decode_cpus": 0.5 if a != 0.5 else 0.25, "threads": max(1, int(a)),
+            "tensor_parallel_size": tp, "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
 def _coreg_cause(exc: BaseException) -> CoregError | None:
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
@@ -276,7 +307,7 @@ def _coreg_cause(exc: BaseException) -> CoregError | None:
     return None
 
 
-def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res):
+def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res, ann_cls=None):
     ray = require("ray", "ray")
     import ray.data  # noqa: F401
 
@@ -289,7 +320,8 @@ def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res):
         ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False  # the driver shows one bar over images instead
     try:
-        from coreg_ray.annotate.clip import ClipAnnotator
+        if ann_cls is None:
+            from coreg_ray.annotate.clip import ClipAnnotator as ann_cls
 
         ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"])
         ds = ds.select_columns(["id", "image"])
@@ -298,8 +330,8 @@ def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res):
                             num_cpus=res["decode_cpus"])
         remote = {"num_cpus": res["actor_cpus"]}
         if res["gpu"]:
-            remote["num_gpus"] = 1
-        ds = ds.map_batches(ClipAnnotator, compute=ray.data.ActorPoolStrategy(size=res["num_actors"]),
+            remote["num_gpus"] = res.get("num_gpus", 1)
+        ds = ds.map_batches(ann_cls, compute=ray.data.ActorPoolStrategy(size=res["num_actors"]),
                             fn_constructor_kwargs=dict(ann_kwargs, num_threads=res["threads"]),
                             batch_size=batch_size, batch_format="numpy", **remote)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -308,12 +340,13 @@ def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res):
             setattr(ctx, a, v)
 
 
-def _local_batches(files, skip, prep, ann_kwargs, batch_size):
+def _local_batches(files, skip, prep, ann_kwargs, batch_size, ann_cls=None):
     import pyarrow.parquet as pq
 
-    from coreg_ray.annotate.clip import ClipAnnotator
+    if ann_cls is None:
+        from coreg_ray.annotate.clip import ClipAnnotator as ann_cls
 
-    annotator = ClipAnnotator(**ann_kwargs)
+    annotator = ann_cls(**ann_kwargs)
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image"]):
             batch = {"id": rb.column(0).to_numpy().astype(np.int64),
@@ -340,6 +373,15 @@ def _parse_merge(merge) -> int | None:
     raise CoregError(f"merge {merge!r}: use 'union' or 'min_votes:N' (N >= 1)")
 
 
+def _annotator_kind(spec) -> str:
+    s = str(spec)
+    for kind in ("clip", "llava"):
+        if s.startswith(kind + ":"):
+            return kind
+    raise CoregError(f"annotator {spec!r}: this pipeline runs clip:MODEL[/PRETRAINED] and "
+                     "llava:PATH_OR_HF_ID annotators")
+
+
 def run_annotation(images_path, annotators, output, report=None, *, classes=None,
                    templates=None, candidate_mode: str = "union", merge="union",
                    image_size: int | None = None, batch_size: int | None = None,
@@ -348,23 +390,35 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                    on_bad_image: str = "skip", restart: bool = False, precision: str = "auto",
                    logit_scale: float = 100.0, save_probs: bool = True,
                    engine: str = "ray", ray_address: str | None = None,
-                   allow_download: bool | None = None, progress: bool = True) -> dict:
-    """Annotate a Parquet image table with one or more CLIP annotators (module doc).
+                   allow_download: bool | None = None, progress: bool = True,
+                   llava=None) -> dict:
+    """Annotate a Parquet image table with one or more CLIP / LLaVA annotators (module doc).
 
     images_path: .parquet file, folder with train.parquet, or folder of .parquet files.
-    annotators: ["clip:MODEL[/PRETRAINED]", ...] (a single string is accepted).
+    annotators: ["clip:MODEL[/PRETRAINED]", "llava:PATH_OR_HF_ID", ...] (a single string is
+      accepted).
     output: the annotation table to write (Parquet); shards go to OUTPUT.parts/.
     report: path (stem, .json or .md) for the JSON + Markdown quality report, or None.
     classes: names for prompting (see `resolve_classes`; default classes.json beside the data).
-    templates: "small" (default, 27) | "imagenet" (80) | file | list.
-    candidate_mode: "union" (paper) | "topk:K" | "threshold:P" | "ratio:R".
+    templates: CLIP templates: "small" (default, 27) | "imagenet" (80) | file | list. When
+      every annotator is a LLaVA one, they are the LLaVA templates (each with "{choices}")
+      unless llava["templates"] is given.
+    candidate_mode: "union" (paper) | "topk:K" | "threshold:P" | "ratio:R" (LLaVA: on the vote
+      shares).
     merge: "union" | "min_votes:N" (several annotators).
     image_size: override the model's input resolution (tests; random weights).
-    batch_size: images per actor call (default 256 with GPUs, 32 on CPU).
+    batch_size: images per actor call (default CLIP 256 with GPUs, 32 on CPU; LLaVA 64 / 16).
     num_actors / actor_cpus / use_gpu: actor pool (default: one actor per GPU with 1 GPU each;
-      on CPU one actor with all CPUs but one).
+      on CPU one actor with all CPUs but one). LLaVA: one engine actor per
+      ``tensor_parallel_size`` GPUs.
     engine: "ray" or "local" (this process, no Ray). Ray is started here if not running
-      (``ray.init(address=ray_address)``) and stopped again at the end.
+      (``ray.init(address=ray_address)``) and stopped again at the end. With "local" a LLaVA
+      engine is started once per process and kept for later calls
+      (`coreg_ray.annotate.llava.shutdown_engines` stops it).
+    llava: options of the LLaVA annotators, a dict or `LlavaOptions` (templates, prompt_format,
+      structured_outputs, synonyms, no_answer, max_tokens, tensor_parallel_size, max_model_len,
+      max_num_seqs, dtype, kv_cache_memory_bytes, enforce_eager, engine_kwargs, replicas,
+      batch_size, ...; see `coreg_ray.annotate.llava.LlavaOptions`).
     Returns the report as a dict (also when `report` is None).
     """
     t_start = time.time()
@@ -382,22 +436,42 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     min_votes = _parse_merge(merge)
     from coreg_ray.annotate.logic import parse_candidate_mode
     parse_candidate_mode(candidate_mode)
-
-    from coreg_ray.annotate.clip import check_weights_available, resolve_preprocess
+    kinds = [_annotator_kind(a) for a in annotators]
+    llava_opts = None
+    if "llava" in kinds or llava is not None:
+        from coreg_ray.annotate.llava import LlavaOptions
+        llava_opts = LlavaOptions.coerce(llava)
+        if set(kinds) == {"llava"} and templates is not None and llava_opts.templates is None:
+            llava_opts.templates = templates  # the only templates given are the LLaVA ones
 
     files = input_files(images_path)
     source = str(images_path)
     ids, labels = read_index(files)
     classes = resolve_classes(classes, _default_classes(files))
-    templates = resolve_templates(templates)
+    clip_templates = resolve_templates(templates) if "clip" in kinds else None
     if labels is not None and labels.max(initial=0) >= len(classes):
         raise CoregError(f"{source}: label {int(labels.max())} but only {len(classes)} class names")
-    specs = []
-    for a in annotators:
-        if not str(a).startswith("clip:"):
-            raise CoregError(f"annotator {a!r}: this pipeline runs clip:MODEL[/PRETRAINED] annotators")
-        specs.append(check_weights_available(a, allow_download))
-    preps = [resolve_preprocess(cs, image_size) for cs in specs]
+    specs, preps, tpls = [], [], []
+    llava_settings = None
+    for a, kind in zip(annotators, kinds):
+        if kind == "clip":
+            from coreg_ray.annotate.clip import check_weights_available, resolve_preprocess
+            cs = check_weights_available(a, allow_download)
+            specs.append(cs)
+            preps.append(resolve_preprocess(cs, image_size))
+            tpls.append(clip_templates)
+        else:
+            from coreg_ray.annotate import llava as llava_mod
+            ls = llava_mod.check_llava_available(a, allow_download)
+            if llava_settings is None:
+                llava_settings = llava_opts.result_settings()
+                llava_mod.build_llava_prompts(llava_settings["templates"], classes,
+                                              llava_opts.prompt_format, llava_opts.image_token,
+                                              llava_opts.choice_separator)  # checks them now
+                llava_mod.AnswerParser(classes, llava_opts.synonyms, llava_opts.ambiguous)
+            specs.append(ls)
+            preps.append(llava_mod.resolve_llava_preprocess(ls, image_size))
+            tpls.append(llava_settings["templates"])
     plan = _Plan(ids, shard_size)
     output = Path(output)
     parts_root = output.with_name(output.name + ".parts")
@@ -405,9 +479,12 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         shutil.rmtree(parts_root)
     ids_hash = hashlib.sha1(ids.tobytes()).hexdigest()
     settings = {"ids_sha1": ids_hash, "num_rows": int(len(ids)), "shard_size": plan.shard_size,
-                "annotators": annotators, "classes": classes, "templates": templates,
+                "annotators": annotators, "classes": classes,
+                "templates": clip_templates if "llava" not in kinds else tpls,
                 "candidate_mode": candidate_mode, "image_size": image_size,
                 "logit_scale": float(logit_scale), "save_probs": bool(save_probs)}
+    if "llava" in kinds:  # CLIP-only runs keep the settings (and shard tags) they always had
+        settings["llava"] = llava_settings
     plan_file = parts_root / PLAN_FILE
     if plan_file.exists():
         try:
@@ -421,13 +498,14 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     parts_root.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(dict(settings, files=[str(f) for f in files]), indent=1))
 
-    k, c = len(templates), len(classes)
-    ray_mod, started_ray, res = None, False, None
+    c = len(classes)
+    ray_mod, started_ray, res, all_res = None, False, None, []
     timing = {"shards_computed": 0, "shards_reused": 0, "images_annotated": 0}
     compute_s = 0.0
     per_ann = []
     try:
-        for i, (spec, cs, prep) in enumerate(zip(annotators, specs, preps)):
+        for i, (spec, kind, cs, prep, ann_tpls) in enumerate(zip(annotators, kinds, specs, preps, tpls)):
+            k = len(ann_tpls)
             parts = parts_root if len(annotators) == 1 else parts_root / f"annotator-{i}"
             parts.mkdir(parents=True, exist_ok=True)
             tag = _fingerprint(dict(settings, annotator=spec))
@@ -440,24 +518,40 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                 if len(pending) < plan.num_shards:
                     skip = np.concatenate([plan.shard_ids(s) for s in range(plan.num_shards)
                                            if s not in pend_set])
-                meta = {"annotator": spec, "classes": classes, "templates": templates,
+                meta = {"annotator": spec, "classes": classes, "templates": ann_tpls,
                         "candidate_mode": candidate_mode, "image_size": prep["size"], "plan": tag}
+                if kind == "llava":
+                    meta["llava"] = llava_settings
                 writer = _ShardWriter(parts, plan, pending, meta, k, c, save_probs, on_bad_image, source)
-                ann_kwargs = dict(spec=spec, classes=classes, templates=templates,
-                                  candidate_mode=candidate_mode, image_size=image_size,
-                                  precision=precision, logit_scale=logit_scale,
-                                  allow_download=allow_download)
+                if kind == "clip":
+                    ann_cls = None
+                    ann_kwargs = dict(spec=spec, classes=classes, templates=ann_tpls,
+                                      candidate_mode=candidate_mode, image_size=image_size,
+                                      precision=precision, logit_scale=logit_scale,
+                                      allow_download=allow_download)
+                else:
+                    from coreg_ray.annotate.llava import LlavaAnnotator as ann_cls
+                    ann_kwargs = dict(spec=spec, classes=classes, options=llava_opts,
+                                      candidate_mode=candidate_mode, image_size=image_size,
+                                      allow_download=allow_download)
                 if engine == "ray":
                     if ray_mod is None:
                         ray_mod = require("ray", "ray")
                         if not ray_mod.is_initialized():
                             ray_mod.init(address=ray_address)
                             started_ray = True
+                    if kind == "clip":
                         res = _resources(ray_mod, num_actors, actor_cpus, use_gpu)
-                    bs = batch_size or (256 if res["gpu"] else 32)
-                    batches = _ray_batches(files, skip, prep, ann_kwargs, bs, res)
+                        bs = batch_size or (256 if res["gpu"] else 32)
+                    else:
+                        res = _llava_resources(ray_mod, llava_opts, num_actors, actor_cpus, use_gpu)
+                        bs = llava_opts.batch_size or batch_size or (64 if res["gpu"] else 16)
+                    all_res.append(res)
+                    batches = _ray_batches(files, skip, prep, ann_kwargs, bs, res, ann_cls)
                 else:
-                    batches = _local_batches(files, skip, prep, ann_kwargs, batch_size or 32)
+                    bs = (llava_opts.batch_size if kind == "llava" else None) or batch_size or \
+                        (16 if kind == "llava" else 32)
+                    batches = _local_batches(files, skip, prep, ann_kwargs, bs, ann_cls)
                 total = sum(len(plan.shard_ids(s)) for s in pending)
                 bar = None
                 if progress:
@@ -491,14 +585,14 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                 timing["shards_computed"] += writer.written
                 timing["images_annotated"] += writer.rows
             table, skipped = _load_annotator_table(parts, plan, k, c, source)
-            per_ann.append((spec, table, skipped))
+            per_ann.append((spec, table, skipped, ann_tpls))
     finally:
         if started_ray:
             ray_mod.shutdown()
 
     # ----------------------------------------------------------------- merge + write
-    skipped = {r["id"]: r["error"] for _, _, sk in per_ann for r in sk}
-    tables = [t for _, t, _ in per_ann]
+    skipped = {r["id"]: r["error"] for _, _, sk, _ in per_ann for r in sk}
+    tables = [t for _, t, _, _ in per_ann]
     if len(tables) == 1:
         final = tables[0]
         final.meta = dict(final.meta, annotator=annotators[0], merge="single")
@@ -509,10 +603,13 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         tables = [t.subset(np.flatnonzero(np.isin(t.ids, common))).align_to(common, "merge")
                   for t in tables]
         final = merge_annotations(tables, min_votes)
-    final.meta.update({"classes": classes, "templates": templates,
+    same_tpls = all(t == tpls[0] for t in tpls)
+    final.meta.update({"classes": classes, "templates": tpls[0] if same_tpls else tpls,
                        "candidate_mode": candidate_mode, "image_size": [p["size"] for p in preps],
                        "source": [str(f) for f in files],
                        "skipped": sorted(int(i) for i in skipped)})
+    if llava_settings is not None:
+        final.meta["llava"] = llava_settings
     final.meta.pop("plan", None)
     write_annotations(final, output)
 
@@ -523,26 +620,36 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     if labels is not None:
         lab_of = lambda t: labels[plan.position(t.ids)]  # noqa: E731
     if len(annotators) == 1:
-        names = list(templates)
+        names = list(tpls[0])
     else:
-        names = [f"{a} | {t}" for a in annotators for t in templates]
+        names = [f"{a} | {t}" for a, ts in zip(annotators, tpls) for t in ts]
+    k_all = sum(len(t) for t in tpls) if len(annotators) > 1 else len(tpls[0])
+    per_annotator = []
+    for a, t, _, ts in per_ann:
+        entry = {"annotator": a, "quality": quality(t, lab_of(t) if lab_of else None, classes,
+                                                    list(ts))}
+        if t.votes is not None and t.votes.size:
+            entry["missing_votes"] = int((t.votes < 0).sum())
+            entry["images_without_vote"] = int((t.votes < 0).all(1).sum())
+        per_annotator.append(entry)
     rep = {
         "source": source, "output": str(output), "parts": str(parts_root),
         "annotators": annotators, "merge": "single" if len(annotators) == 1 else
         ("union" if min_votes is None else f"min_votes:{min_votes}"),
-        "candidate_mode": candidate_mode, "num_templates": k, "num_classes": c,
-        "classes": classes, "templates": templates, "labels": labels is not None,
+        "candidate_mode": candidate_mode, "num_templates": k_all, "num_classes": c,
+        "classes": classes, "templates": tpls[0] if same_tpls else tpls,
+        "labels": labels is not None,
         "rows_in_input": int(len(ids)), "skipped": len(skipped),
         "skipped_images": [{"id": int(i), "error": e} for i, e in sorted(skipped.items())],
         "quality": quality(final, lab_of(final) if lab_of else None, classes, names),
-        "per_annotator": [{"annotator": a, "quality": quality(t, lab_of(t) if lab_of else None,
-                                                              classes, list(templates))}
-                          for a, t, _ in per_ann],
+        "per_annotator": per_annotator,
         "engine": engine,
-        "resources": res,
+        "resources": res if len(all_res) <= 1 else all_res,
         "timing": dict(timing, seconds=compute_s, total_seconds=time.time() - t_start,
                        images_per_s=(timing["images_annotated"] / compute_s) if compute_s else 0.0),
     }
+    if llava_settings is not None:
+        rep["llava"] = llava_settings
     t = rep["timing"]
     if "first_result_s" in t and len(annotators) == 1 and compute_s > t["first_result_s"]:
         # throughput once the actors are up (excludes start-up: worker, imports, text encoding)
