@@ -22,6 +22,10 @@ class LocalComm:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running stats), as DDP does at the start
+        of each forward: after a rank's last local update they differ across ranks."""
+
     def barrier(self):
         pass
 
@@ -54,6 +58,11 @@ class TorchDistComm(LocalComm):
         ids = [dev.index] if dev.type == "cuda" else None
         # The projector is idle in warm-up: DDP must tolerate unused parameters.
         return DDP(model, device_ids=ids, find_unused_parameters=self.find_unused)
+
+    def sync_buffers(self, model):
+        model = getattr(model, "module", model)
+        for buf in model.buffers():
+            self.dist.broadcast(buf, src=0)
 
     def barrier(self):
         self.dist.barrier()

@@ -225,11 +225,14 @@ class CoReg:
     # ------------------------------------------------------------------------ batches
     def _shard(self, epoch: int, batch: int):
         """This rank's batches of one epoch: a permutation shared by all ranks (seeded by
-        epoch), dealt round-robin, cut into equal full batches."""
+        epoch), dealt round-robin, cut into equal full batches. `batch` is the global batch:
+        each of W ranks takes batch // W, and every rank gets the same number of equal batches
+        (the permutation's last n mod W samples sit out this epoch), so DDP's collectives match."""
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=g)
-        mine = perm[self.comm.rank::self.comm.world_size].to(self.device)
-        batch = min(batch, len(mine))
+        w = self.comm.world_size
+        mine = perm[:(self.n // w) * w][self.comm.rank::w].to(self.device)
+        batch = min(max(1, batch // w), len(mine))
         steps = max(1, len(mine) // batch)
         return [mine[i * batch:(i + 1) * batch] for i in range(steps)]
 
@@ -261,6 +264,7 @@ class CoReg:
     def _predict_all(self, net, images, weak: bool) -> torch.Tensor:
         """Softmax (weak view) or logits (plain view) for every image, computed in large no-grad
         batches, sharded over ranks and gathered."""
+        self.comm.sync_buffers(net)  # one model: rank 0's BatchNorm statistics on every rank
         net.eval()
         n, world = len(images), self.comm.world_size
         per = -(-n // world)
@@ -323,6 +327,7 @@ class CoReg:
             self._reseed(epoch * 2 + a + 7919)
             peer = 1 - a if c.co_pseudo_labels else a
             part = self.train_net(epoch, a, peer)
+            self.comm.sync_buffers(self.raw_nets[a])  # net a is the peer (eval mode) next
             totals = part if totals is None else {k: totals[k] + part[k] for k in totals}
         vals = self.comm.all_reduce_sum(torch.stack(list(totals.values()))).tolist()
         tot = dict(zip(totals.keys(), vals))
@@ -335,14 +340,18 @@ class CoReg:
 
     def _split_batches(self, epoch: int, a: int, is_p: torch.Tensor):
         """Index batches of P and of U for one net's epoch: as many steps as P fills full
-        batches on this rank; U is cycled to give every step a U batch of the same size."""
-        bs = self.cfg.train.batch_size
+        batches on this rank; U is cycled to give every step a U batch of the same size.
+        Global batch, equal shares: every rank gets the same number of equal-sized batches
+        (the split is the same on all ranks), which DDP and the all_gathers need."""
+        r, w = self.comm.rank, self.comm.world_size
+        bs = max(1, self.cfg.train.batch_size // w)
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 2 + a)
         p_idx = torch.nonzero(is_p.cpu()).view(-1)  # one host sync per epoch
         u_idx = torch.nonzero(~is_p.cpu()).view(-1)
-        r, w = self.comm.rank, self.comm.world_size
-        p_mine = p_idx[torch.randperm(len(p_idx), generator=g)][r::w].to(self.device)
-        u_mine = u_idx[torch.randperm(len(u_idx), generator=g)][r::w].to(self.device)
+        p_idx = p_idx[torch.randperm(len(p_idx), generator=g)]
+        u_idx = u_idx[torch.randperm(len(u_idx), generator=g)]
+        p_mine = p_idx[:(len(p_idx) // w) * w][r::w].to(self.device)
+        u_mine = u_idx[:(len(u_idx) // w) * w][r::w].to(self.device)
         if len(p_mine) == 0:
             return []
         bs = min(bs, len(p_mine))

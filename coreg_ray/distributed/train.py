@@ -1,0 +1,358 @@
+"""Co-Reg on Ray Train: the same `CoReg` loop inside a `TorchTrainer` (DDP on both networks).
+
+`train_distributed(...)` is `coreg-ray train --workers N [--gpus-per-worker G]`:
+
+- Every worker runs `CoReg` with a `TorchDistComm` (gloo on CPU, NCCL on GPU). The trainer does
+  the distributed parts itself: each rank trains on its share of a per-epoch permutation shared by
+  all ranks (`train.batch_size` is the global batch), the divide pass gathers every image's
+  prediction so all ranks fit the same GMM over the whole set, MoCo keys and prototype features
+  are all_gathered, metrics are all_reduced.
+- After every `train.checkpoint_every` epochs (and the last) rank 0 reports a Ray Train checkpoint
+  (`checkpoint.pt` = `CoReg.checkpoint_state`, plus `model.pt` at the end) to
+  `RunConfig(storage_path, name)`; the other ranks report metrics only. On start, a worker group
+  restores from `ray.train.get_checkpoint()`: after a worker failure (`FailureConfig(max_failures)`)
+  and when a run with the same `storage_path/name` is launched again (Train V2 reloads the run's
+  checkpoint list from storage), so a finished or interrupted run resumes instead of restarting.
+- The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `train_run`, from the last
+  checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
+- MLflow: one run per (storage_path, name), created by the driver and found again on relaunch;
+  rank 0 logs per-epoch metrics into it, the driver the final metrics and artifacts.
+
+With no cluster, `ray.init()` starts a local Ray; inside `ray job submit` it joins the cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from coreg_ray.errors import CoregError, require
+
+RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
+
+
+# ---------------------------------------------------------------------------- fault injection
+class FailOnce:
+    """Epoch callback that kills this worker process (`os._exit`) on `rank` after `epoch` has
+    been reported, once: the marker file makes the restarted attempt pass. For tests and drills.
+
+    The Ray Train controller collects reports when it polls the workers (every 2 s): a process
+    that dies right after reporting may lose that last checkpoint, and the group restarts from
+    the one before (every epoch is still run, exactly). `delay_s` waits before dying."""
+
+    def __init__(self, epoch: int, marker: str | os.PathLike, rank: int = 1, code: int = 1,
+                 delay_s: float = 0.0):
+        self.epoch, self.marker, self.rank, self.code = epoch, str(marker), rank, code
+        self.delay_s = delay_s
+
+    def __call__(self, epoch, stats, trainer):
+        if epoch == self.epoch and trainer.comm.rank == self.rank and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"killed rank {self.rank} after epoch {epoch}\n")
+            time.sleep(self.delay_s)
+            os._exit(self.code)
+
+
+# ---------------------------------------------------------------------------- helpers
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`, so processes with another cwd (Ray
+    workers, Tune trials) write to the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def numeric(stats: dict) -> dict:
+    import math
+
+    return {k: float(v) for k, v in stats.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def ensure_ray(address: str | None = None):
+    ray = require("ray", "ray")
+    if not ray.is_initialized():
+        import logging
+
+        # Inside `ray job submit` RAY_ADDRESS is set and this joins the cluster; otherwise a
+        # local Ray is started with this machine's resources.
+        ray.init(address=address, logging_level=logging.WARNING)
+    return ray
+
+
+def _mlflow_run(cfg, storage: str, name: str, out: Path, run_name: str | None, workers: int):
+    """Find the MLflow run of this Ray run (relaunch) or create it; returns (client, run_id, uri)."""
+    require("mlflow", "mlflow")
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from coreg_ray.distributed.tracking import tracking_uri
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    uri = absolute_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    key = f"{storage.rstrip('/')}/{name}"
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return client, run_id, uri
+    run = client.create_run(exp_id, run_name=run_name or cfg.tracking.run_name or name,
+                            tags={RUN_TAG: key, "output": str(out.resolve()),
+                                  "ray.workers": str(workers)})
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    return client, run.info.run_id, uri
+
+
+# ---------------------------------------------------------------------------- worker side
+def _say(line: str):
+    # Train V2 patches print() into its logger (each line shows twice); write directly.
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _worker_loop(loop: dict):
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import torch
+
+    from coreg_ray.config import Config
+    from coreg_ray.coreg.comm import TorchDistComm
+    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = Config.from_dict(loop["config"])
+    if loop["gpus_per_worker"] > 0:
+        import ray.train.torch
+
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+        cfg.train.device = str(dev)
+    else:
+        cfg.train.device = "cpu"
+    import warnings
+
+    # ray.get returns read-only NumPy arrays (zero copy); the trainer only reads them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    train, ann, test = (ray.get(r) if r is not None else None for r in loop["data"])
+
+    state, restored_from = None, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=False)
+        restored_from = state["epoch"]
+    ray_info = dict((state or {}).get("ray") or {"restores": []})
+    if restored_from is not None:
+        ray_info["restores"] = list(ray_info.get("restores", [])) + [restored_from]
+        if rank == 0:
+            _say(f"[coreg-ray] resuming after epoch {restored_from + 1} "
+                 f"({len(ray_info['restores'])} restore(s) so far)")
+
+    mlflow_client = None
+    if rank == 0 and loop.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        mlflow_client = MlflowClient(loop["mlflow_uri"])
+
+    epochs = cfg.train.epochs
+    every = max(1, cfg.train.checkpoint_every)
+
+    def report(epoch, stats, trainer):
+        metrics = numeric(stats)
+        metrics["epoch"] = epoch
+        last = epoch == epochs - 1
+        tmp, checkpoint = None, None
+        if rank == 0 and (last or (epoch + 1) % every == 0):
+            tmp = Path(tempfile.mkdtemp(prefix="coreg-ckpt-"))
+            st = trainer.checkpoint_state(epoch)
+            st["ray"] = ray_info
+            torch.save(st, tmp / CHECKPOINT)
+            if last:
+                trainer.save_model(tmp / "model.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+        if mlflow_client is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            mlflow_client.log_batch(loop["mlflow_run_id"], metrics=[
+                Metric(k, v, ts, epoch) for k, v in metrics.items() if k != "epoch"])
+        if rank == 0:
+            show = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "test_accuracy", "p_fraction")
+                            if k in metrics)
+            _say(f"[coreg-ray] epoch {epoch + 1}/{epochs} {stats.get('phase', '')} {show} "
+                 f"({metrics.get('epoch_seconds', 0):.1f} s, {world} workers)")
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:05d}" if checkpoint else None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    class _Restoring(CoReg):
+        def _prepare(self, *args):
+            super()._prepare(*args)
+            if state is not None:
+                self.load_state(state)
+
+    trainer = _Restoring(cfg, comm=TorchDistComm(), callbacks=[report, *loop["callbacks"]],
+                         progress=False)
+    # A relaunched finished run restores its last epoch and trains nothing.
+    trainer.fit(train, ann, test, output_dir=None)
+
+
+# ---------------------------------------------------------------------------- driver side
+def train_distributed(images, annotations, output, config=None, overrides=(), test_images=None,
+                      workers: int = 2, gpus_per_worker: float = 0, storage_path: str | None = None,
+                      name: str | None = None, max_failures: int = 3,
+                      cpus_per_worker: float | None = None, image_size=None, limit=None,
+                      mlflow: bool = True, run_name: str | None = None, callbacks=(),
+                      num_to_keep: int | None = 2, ray_address: str | None = None,
+                      log=print) -> dict:
+    """`coreg-ray train --workers N`: Co-Reg in a Ray Train `TorchTrainer` (module doc).
+
+    storage_path: where Ray Train keeps checkpoints (default OUTPUT/ray; on a multi-node cluster
+    a shared path or s3://...). name: the run's name under it (default: OUTPUT's folder name).
+    Launching again with the same storage_path and name resumes that run.
+    callbacks: extra picklable epoch callbacks run on every worker (e.g. `FailOnce`).
+    """
+    from coreg_ray.config import Config
+    from coreg_ray.coreg.trainer import CHECKPOINT
+    from coreg_ray.data import annotation_stats, load_image_table, read_annotations
+    from coreg_ray.data.annotations import AnnotationTable
+
+    if workers < 1:
+        raise CoregError(f"--workers must be >= 1, got {workers}")
+    if gpus_per_worker < 0:
+        raise CoregError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    out = Path(output)
+    cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
+    if run_name:
+        cfg.tracking.run_name = run_name
+    if not mlflow:
+        cfg.tracking.mlflow = False
+    if cfg.train.warmup_epochs > cfg.train.epochs:
+        raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
+                         f"({cfg.train.epochs})")
+    size = image_size or cfg.data.image_size
+    train = images if not isinstance(images, (str, Path)) else load_image_table(images, size, limit)
+    test = test_images if not isinstance(test_images, (str, Path)) else load_image_table(test_images, size)
+    ann = annotations if isinstance(annotations, AnnotationTable) else \
+        read_annotations(annotations, train.num_classes)
+    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path)) else "annotations")
+    if test is not None and test.labels is None:
+        raise CoregError("test table has no labels: nothing to measure accuracy against")
+    stats = annotation_stats(ann, train.labels)
+    # Fail here, once, on what would otherwise fail on every worker and every restart.
+    from coreg_ray.coreg.models import build_model
+
+    build_model(cfg.model.backbone, train.num_classes, size or train.image_size, cfg.model.proj_dim)
+    if cfg.train.precision not in ("auto", "bf16", "fp32"):
+        raise CoregError(f"train.precision must be auto, bf16 or fp32, got {cfg.train.precision}")
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage_path or str((out / "ray").resolve())
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    name = name or out.resolve().name
+    cfg.save(out / "config.yaml")
+
+    ray = ensure_ray(ray_address)
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    client = run_id = uri = None
+    if cfg.tracking.mlflow:
+        client, run_id, uri = _mlflow_run(cfg, storage, name, out, run_name, workers)
+    resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else 1}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    loop = {"config": cfg.to_dict(), "gpus_per_worker": gpus_per_worker,
+            "data": [ray.put(train), ray.put(ann), ray.put(test) if test is not None else None],
+            "callbacks": list(callbacks), "mlflow_run_id": run_id, "mlflow_uri": uri}
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+                             logging_config=LoggingConfig(log_level="WARNING")))
+    log(f"ray train: {workers} worker(s) x {resources}, storage {storage}/{name}")
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        if client is not None:
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if isinstance(exc, KeyboardInterrupt):
+            log(f"interrupted: checkpoints are in {storage}/{name}; the same command resumes")
+            raise
+        detail = " ".join(str(exc).split())  # one line: the worker's error, abridged
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        raise CoregError(f"distributed training failed ({type(exc).__name__}: {detail}); "
+                         f"checkpoints in {storage}/{name}; the same command resumes") from exc
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise CoregError(f"distributed training reported no checkpoint (see {storage}/{name})")
+    import torch
+
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=False)
+        if state["epoch"] != cfg.train.epochs - 1 or not (Path(d) / "model.pt").exists():
+            raise CoregError(f"{storage}/{name}: the last checkpoint is epoch {state['epoch'] + 1}, "
+                             f"config has {cfg.train.epochs} epochs (changed config on relaunch?)")
+        tmp = out / "model.pt.tmp"
+        shutil.copyfile(Path(d) / "model.pt", tmp)
+        os.replace(tmp, out / "model.pt")
+    history = state["history"]
+    ray_info = state.get("ray") or {}
+    final = history[-1] if history else {}
+    metrics = {
+        "test_accuracy": final.get("test_accuracy"),
+        "annotator_accuracy": stats.get("ensemble_accuracy"),
+        "partial_accuracy": stats.get("partial_accuracy"),
+        "avg_candidates": stats["avg_candidates"],
+        "epochs": cfg.train.epochs, "warmup_epochs": cfg.train.warmup_epochs,
+        "seconds": state.get("elapsed"), "wall_seconds": wall,
+        "train_images": len(train), "test_images": len(test) if test is not None else 0,
+        "backbone": cfg.model.backbone, "seed": cfg.train.seed,
+        "annotator": ann.meta.get("annotator"),
+        "workers": workers, "gpus_per_worker": gpus_per_worker,
+        "restored_from_epochs": ray_info.get("restores", []),
+        "ray_storage": f"{storage}/{name}",
+        "history": history,
+    }
+    from coreg_ray.cli import _write_json
+
+    _write_json(out / "metrics.json", metrics)
+    if client is not None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in numeric(
+            {k: v for k, v in metrics.items() if k != "history" and v is not None}).items()])
+        for f in ("metrics.json", "config.yaml", "model.pt"):
+            client.log_artifact(run_id, str(out / f))
+        client.set_terminated(run_id, "FINISHED")
+        metrics["mlflow_run_id"] = run_id
+    return metrics
+
+
+def summarize(metrics: dict) -> str:
+    keys = ("test_accuracy", "annotator_accuracy", "partial_accuracy", "avg_candidates", "epochs",
+            "seconds", "workers", "restored_from_epochs")
+    return json.dumps({k: metrics[k] for k in keys if k in metrics}, default=float)

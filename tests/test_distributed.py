@@ -1,0 +1,294 @@
+"""Ray Train / Ray Tune / `ray job submit` end to end on CPU (digits, MLP).
+
+One Ray runtime for the in-process tests (session fixture, 2 CPUs); the job-submission test
+starts its own head with `ray start --head --block` in a new session and stops only that head
+(its process group) afterwards: `ray stop` would stop every Ray on the machine.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+
+from tests.conftest import tiny_config  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["coreg-ray"])
+
+
+# ------------------------------------------------------------------ a real head + ray job submit
+# First in the file, so it runs before the session fixture starts a second Ray here.
+def test_ray_job_submit_to_a_local_head(tmp_path):
+    from coreg_ray.cli import main
+
+    assert main(["synth", "--images", "digits:train", "--limit", "300", "--q", "0.2",
+                 "--eta", "0.1", "--output", str(tmp_path / "ann.parquet")]) == 0
+    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
+                                       "object-manager-port", "node-manager-port",
+                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                       "runtime-env-agent-port", "metrics-export-port")}
+    temp = Path("/tmp") / f"coreg-ci-ray-{os.getpid()}"  # short: Ray's socket paths are limited
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+               RAY_AUTH_MODE="disabled",  # token auth is on by default in 2.60 (stack-notes)
+               RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM: no 30 s node drain
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+           f"--temp-dir={temp}", "--disable-usage-stats",
+           *[f"--{k}={v}" for k, v in ports.items()]]
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    t0 = time.perf_counter()
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(address + "/api/version", timeout=2)
+                break
+            except OSError:
+                assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+                assert time.time() < deadline, "ray head did not come up in 120 s"
+                time.sleep(0.5)
+        t_head = time.perf_counter() - t0
+        uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+        out = tmp_path / "run"
+        job = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", address,
+             "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+             "--", "python", "jobs/train.py", "--images", "digits:train", "--limit", "300",
+             "--annotations", str(tmp_path / "ann.parquet"), "--test-images", "digits:test",
+             "--output", str(out), "--workers", "2", "--run-name", "ci-job",
+             "--set", "model.backbone=mlp", "--set", "data.hflip=false",
+             "--set", "train.epochs=2", "--set", "train.warmup_epochs=1",
+             "--set", "train.batch_size=64", "--set", "coreg.queue_size=256"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+        assert "succeeded" in job.stdout + job.stderr
+        print(f"\nhead up in {t_head:.1f} s; job submitted and finished in "
+              f"{time.perf_counter() - t0 - t_head:.1f} s")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only this head: its own process group
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+    leftover = subprocess.run(["pgrep", "-s", str(head.pid)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "processes of the test head survived"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["workers"] == 2 and [h["epoch"] for h in m["history"]] == [0, 1]
+    assert 0.0 < m["test_accuracy"] <= 1.0 and (out / "model.pt").exists()
+    runs = _runs(uri)
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED" and run["tags.mlflow.runName"] == "ci-job"
+    assert run["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])
+    assert run["params.train.epochs"] == "2"
+
+
+# ------------------------------------------------------------------ in-process Ray
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    import ray
+
+    if ray.is_initialized():  # another test module's runtime: share it
+        yield ray
+        return
+    import logging
+
+    temp = f"/tmp/coreg-pytest-ray-{os.getpid()}"  # short: Ray's socket paths are limited
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, _temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    from coreg_ray.data import synthetic_annotations
+
+    train, test = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
+    return train, ann, test
+
+
+def test_two_workers_match_one_process(ray_session, small_digits, tmp_path):
+    """Same data, config and seed: 2 DDP workers (global batch split in two) vs one process."""
+    from coreg_ray.coreg.trainer import CoReg
+    from coreg_ray.distributed.train import train_distributed
+
+    train, ann, test = small_digits
+    over = {"train.epochs": 6, "train.warmup_epochs": 4, "coreg.feature_delay": 0,
+            "coreg.sharpen_T": 0.1}
+    single = CoReg(tiny_config(**over), progress=False)
+    acc1 = single.fit(train, ann, test)["test_accuracy"]
+    m = train_distributed(train, ann, tmp_path / "two", tiny_config(**over), test_images=test,
+                          workers=2, mlflow=False, log=lambda *a: None)
+    acc2 = m["test_accuracy"]
+    print(f"\n1 process: {acc1:.4f}  2 workers: {acc2:.4f}")
+    assert acc1 > 0.5 and acc2 > 0.5
+    assert abs(acc1 - acc2) < 0.08
+    # every phase ran distributed: divide/GMM, prototypes and the MoCo queue
+    last = m["history"][-1]
+    assert last["phase"] == "coreg" and 0 < last["p_fraction"] < 1
+    assert last["loss_prot"] > 0 and last["loss_cont"] > 0
+    # the DDP replicas stayed identical and the exported model predicts like the trainer
+    from coreg_ray.coreg.trainer import Classifier
+
+    clf = Classifier.load(tmp_path / "two" / "model.pt", "cpu")
+    assert clf.evaluate(test)["accuracy"] == pytest.approx(acc2, abs=1e-6)
+
+
+def test_worker_killed_mid_run_restarts_and_relaunch_resumes(ray_session, small_digits, tmp_path,
+                                                             monkeypatch):
+    from coreg_ray.distributed.train import FailOnce, train_distributed
+
+    monkeypatch.chdir(tmp_path)
+    train, ann, test = small_digits
+    sub = np.arange(500)
+    train, ann = train.subset(sub), ann.subset(sub)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = lambda: tiny_config(**{"train.epochs": 4, "train.warmup_epochs": 2,  # noqa: E731
+                                 "tracking.mlflow": True, "tracking.tracking_uri": uri})
+    # rank 1 dies (os._exit) 4 s after reporting epoch 2; FailureConfig restarts the worker
+    # group from the last checkpoint Ray Train registered
+    m = train_distributed(train, ann, tmp_path / "ft", cfg(), test_images=test, workers=2,
+                          max_failures=1, log=lambda *a: None,
+                          callbacks=[FailOnce(1, tmp_path / "killed", rank=1, delay_s=4)])
+    assert (tmp_path / "killed").exists()
+    assert [h["epoch"] for h in m["history"]] == [0, 1, 2, 3]  # every epoch, once
+    assert len(m["restored_from_epochs"]) == 1 and m["restored_from_epochs"][0] in (0, 1)
+    print(f"\nfault run: restored after epoch index {m['restored_from_epochs']}, "
+          f"test acc {m['test_accuracy']:.4f}")
+    # launching the (finished) run again with the same name resumes it: nothing is retrained
+    again = train_distributed(train, ann, tmp_path / "ft", cfg(), test_images=test, workers=2,
+                              log=lambda *a: None)
+    assert again["history"] == m["history"]
+    runs = _runs(uri)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # the relaunch reused its run
+    assert runs.iloc[0]["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])
+
+
+def test_asha_sweep_logs_trials_as_mlflow_children(ray_session, tmp_path, monkeypatch):
+    import yaml
+
+    from coreg_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    sweep = {
+        "data": {"images": "digits:train", "test_images": "digits:test", "holdout": 0.1,
+                 "annotations": {"synthetic": {"q": 0.3, "eta": 0.1, "seed": 0}}},
+        "base": {"model": {"backbone": "mlp"}, "data": {"hflip": False},
+                 "train": {"epochs": 4, "warmup_epochs": 2, "batch_size": 64,
+                           "warmup_batch_size": 128},
+                 "coreg": {"feature_delay": 0, "queue_size": 256},
+                 "tracking": {"tracking_uri": uri}},
+        "search": {"train.warmup_epochs": {"choice": [1, 2]},
+                   "train.lr": {"loguniform": [0.003, 0.05]},
+                   "coreg.beta1": {"loguniform": [0.01, 1.0]},
+                   "coreg.beta2": {"loguniform": [0.01, 1.0]},
+                   "coreg.sharpen_T": {"choice": [0.1, 0.5]},
+                   "coreg.proto_temp": {"uniform": [0.1, 0.5]},
+                   "coreg.cont_temp": {"loguniform": [0.03, 0.3]}},
+        "num_samples": 4, "metric": "val_candidate_agreement", "mode": "max",
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1}, "output": str(tmp_path / "sweep"),
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    t0 = time.perf_counter()
+    assert main(["tune", "--config", str(tmp_path / "sweep.yaml")]) == 0
+    wall = time.perf_counter() - t0
+    s = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(s["trials"]) == 4 and s["trials_failed"] == 0
+    assert s["trials_completed"] >= 1
+    assert (tmp_path / "sweep" / "best" / "model.pt").exists()
+    assert "train:\n  epochs: 4" in (tmp_path / "sweep" / "best" / "config.yaml").read_text()
+    for t in s["trials"]:
+        assert 0 <= t["val_candidate_agreement"] <= 1 and 0 <= t["test_accuracy"] <= 1
+    print(f"\nsweep: {wall:.0f} s, {s['trials_completed']} completed, "
+          f"{s['trials_stopped_early']} stopped early, ranking {s['ranking']}")
+    runs = _runs(uri)
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parent) == 1 and len(children) == 4
+    assert set(children["tags.mlflow.parentRunId"]) == {parent.iloc[0]["run_id"]}
+    assert set(children["status"]) == {"FINISHED"} and parent.iloc[0]["status"] == "FINISHED"
+    assert children["metrics.val_candidate_agreement"].notna().all()
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    best = children[children["tags.best_trial"] == "true"]
+    assert len(best) == 1
+    assert "model.pt" in [a.path for a in client.list_artifacts(best.iloc[0]["run_id"])]
+    hist = client.get_metric_history(best.iloc[0]["run_id"], "val_candidate_agreement")
+    assert [h.step for h in hist] == [0, 1, 2, 3]
+
+
+def test_sweep_file_errors_are_one_line(tmp_path):
+    import yaml
+
+    from coreg_ray.distributed.tune import Sweep
+    from coreg_ray.errors import CoregError
+
+    base = {"data": {"images": "digits:train", "annotations": "a.parquet"},
+            "base": {"train": {"epochs": 4}}, "search": {"train.lr": {"loguniform": [0.001, 0.1]}}}
+    cases = [({"search": {"train.lrr": 0.1}}, "does not exist"),
+             ({"search": {"train.warmup_epochs": {"randint": [1, 9]}}}, "keep it below"),
+             ({"search": {"train.lr": {"normal": [0, 1]}}}, "must be a value or one of"),
+             ({"metric": "accuracy"}, "metric must be one of"),
+             ({"metric": "test_accuracy"}, "needs data.test_images"),
+             ({"bogus": 1}, "unknown key")]
+    for change, message in cases:
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(CoregError, match=message):
+            Sweep.load(tmp_path / "s.yaml")
+
+
+def test_distributed_train_input_errors_are_one_line_before_ray_starts(tmp_path, capsys):
+    from coreg_ray.cli import main
+
+    assert main(["synth", "--images", "digits:test", "--q", "0.1", "--eta", "0",
+                 "--output", str(tmp_path / "ann.parquet")]) == 0
+    common = ["train", "--images", "digits:test", "--annotations", str(tmp_path / "ann.parquet"),
+              "--output", str(tmp_path / "o"), "--no-mlflow"]
+    for extra, message in [(["--workers", "2", "--set", "model.backbone=nope"], "unknown backbone"),
+                           (["--workers", "-1"], "--workers must be >= 1"),
+                           (["--workers", "2", "--set", "train.warmup_epochs=900"], "warmup_epochs")]:
+        capsys.readouterr()
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("coreg-ray: error:") and message in err and "\n" not in err
