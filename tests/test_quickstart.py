@@ -9,6 +9,7 @@ def test_quickstart_short(tmp_path, monkeypatch):
     from coreg_ray.quickstart import run_quickstart
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     lines = []
     res = run_quickstart(tmp_path / "qs", epochs=3, seed=0, mlflow=True, log=lines.append)
     methods = [r["method"] for r in res["rows"]]
@@ -19,8 +20,9 @@ def test_quickstart_short(tmp_path, monkeypatch):
     assert "| Co-Reg |" in (tmp_path / "qs" / "summary.md").read_text()
     assert json.loads((tmp_path / "qs" / "summary.json").read_text())["rows"][2]["method"] == "Co-Reg"
     assert any("stand-in" in line for line in lines)
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    runs = mlflow.search_runs(experiment_names=["coreg-ray"])
-    assert sorted(runs["tags.mlflow.runName"]) == ["quickstart-coreg", "quickstart-warmup"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("coreg-ray")
+    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
+    assert names == ["quickstart-coreg", "quickstart-warmup"]

@@ -15,7 +15,14 @@ DEFAULT_URI = "sqlite:///mlruns.db"
 
 
 def tracking_uri(configured: str | None = None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store to log to. A relative SQLite path is made absolute against the current
+    directory: MLflow caches stores by URI string, so `sqlite:///mlruns.db` would otherwise keep
+    pointing at the first directory it was opened in after a chdir (notebooks, tests)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 class MLflowRun:
