@@ -102,6 +102,9 @@ class CoReg:
             raise CoregError(f"train.precision must be auto, bf16 or fp32, got {prec}")
         self.bf16 = (prec == "bf16") or (prec == "auto" and self.device.type == "cuda")
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            # batch shapes repeat every step (equal P/U batches), so autotuned kernels pay off
+            torch.backends.cudnn.benchmark = True
         if isinstance(annotations, AnnotationTable):
             ann = annotations.align_to(train.ids, "annotations")
             cand = ann.candidates
@@ -250,9 +253,11 @@ class CoReg:
         batches = self._shard(epoch, self.cfg.train.warmup_batch_size)
         for idx in batches:
             x, cand = self.images[idx], self.candidates[idx]
-            for net, opt in zip(self.nets, self.opts):
+            views = self.aug.strong(torch.cat([x, x])).chunk(2)  # one augment call, two views
+            for net, opt, view in zip(self.nets, self.opts, views):
                 with self._autocast():
-                    loss = warmup_loss(net(self._cl(self.aug.strong(x))), cand)
+                    logits = net(self._cl(view))
+                loss = warmup_loss(logits.float(), cand)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -386,7 +391,7 @@ class CoReg:
             x, cand = self.images[ix], self.candidates[ix]
             u = self.images[iu] if bu else x[:0]
             with torch.no_grad(), self._autocast():
-                weak = torch.cat([self.aug.weak(x), self.aug.weak(x), self.aug.weak(u), self.aug.weak(u)])
+                weak = self.aug.weak(torch.cat([x, x, u, u]))  # per-sample random: 4 views
                 logits_w, z_w = raw(self._cl(weak), project=True)
                 prob_w = F.softmax(logits_w.float(), 1)
                 px_own = 0.5 * (prob_w[:bx] + prob_w[bx:2 * bx])
@@ -406,9 +411,8 @@ class CoReg:
                                                  c.sharpen_T)
                 else:
                     targets_u = targets_x[:0]
-            xs1, xs2 = self.aug.strong(x), self.aug.strong(x)
-            us1, us2 = (self.aug.strong(u), self.aug.strong(u)) if bu else (u, u)
-            inputs = torch.cat([xs1, xs2, us1, us2])
+            inputs = self.aug.strong(torch.cat([x, x, u, u]))  # one batched call for all views
+            xs1, xs2, us1, us2 = inputs.split([bx, bx, bu, bu])
             targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
             is_p = torch.cat([torch.ones(2 * bx, dtype=torch.bool, device=dev),
                               torch.zeros(2 * bu, dtype=torch.bool, device=dev)])
@@ -419,6 +423,7 @@ class CoReg:
             fwd = torch.cat([x_mix, xs1, us1]) if use_cont else x_mix
             with self._autocast():
                 logits, z = net(self._cl(fwd), project=True)
+            logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
             lx, lu = consistency_loss(logits[:m], t_mix, is_p)
             loss = lx + c.lambda_u * ramp * lu
             lprot = lcont = torch.zeros((), device=dev)

@@ -1,0 +1,209 @@
+"""One GPU call: Co-Reg seconds per epoch on the 50k CIFAR-10 copy (PreAct ResNet-18, batch 256)
+and annotator vs warm-up-only vs Co-Reg at full size, with the epoch count sized to a budget.
+
+    python benchmarks/gpu_cifar.py --data .devdata/cifar10-jpeg \
+        --ann .devdata/ann/sim-pc100.parquet --ann-stats .devdata/ann/sim-pc100.json \
+        --out $OUT --budget 400
+
+1. Speed (alone on the GPU): 1 warm-up + 3 Co-Reg epochs on all training images with the
+   given annotations, prototypes and contrastive term on from the first Co-Reg epoch.
+2. Accuracy: from the measured epoch times, the largest E (warm-up W = E/4) for which
+   warm-up-only (E epochs), Co-Reg with the paper's global split and Co-Reg with the
+   class-balanced split would fit in the rest of the budget even if run one after the other;
+   the three then run concurrently as child processes, one JSON line per epoch in OUT/NAME.jsonl
+   (so a run stopped by the budget still leaves its curve), test accuracy every epoch.
+
+Only torch, torchvision, numpy, pyarrow, Pillow, scikit-learn are needed (no Ray/MLflow), so it
+runs on the device machine from the checkout with PYTHONPATH=. .
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coreg_ray.config import Config  # noqa: E402
+from coreg_ray.coreg.trainer import CoReg  # noqa: E402
+from coreg_ray.data import load_image_table, read_annotations  # noqa: E402
+
+RUNS = {
+    "warmup-only": lambda e, w: [f"train.warmup_epochs={e}"],
+    "coreg-paper-split": lambda e, w: [f"train.warmup_epochs={w}", "coreg.class_balanced_split=false"],
+    "coreg-balanced-split": lambda e, w: [f"train.warmup_epochs={w}", "coreg.class_balanced_split=true"],
+}
+
+
+def base_overrides(args) -> list[str]:
+    return [f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
+            f"train.warmup_batch_size={2 * args.batch_size}", "tracking.mlflow=false",
+            f"train.seed={args.seed}"]
+
+
+def short_run_overrides(epochs: int, warmup: int) -> list[str]:
+    """The paper's delays are sized for 750 post-warm-up epochs; scale them to a short run."""
+    post = max(epochs - warmup, 1)
+    return [f"train.epochs={epochs}", f"coreg.feature_delay={max(1, post // 10)}",
+            f"coreg.rampup_epochs={min(16, max(2, post // 4))}"]
+
+
+def load_annotations(path, train):
+    """Annotations restricted to the (possibly --limit'ed) image table's ids."""
+    import numpy as np
+
+    ann = read_annotations(path, train.num_classes)
+    return ann.subset(np.flatnonzero(np.isin(ann.ids, train.ids))).align_to(train.ids, path)
+
+
+def emit(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def child(args) -> None:
+    torch.set_num_threads(4)
+    tables = torch.load(args.tables, weights_only=False)
+    train, test = tables["train"], tables["test"]
+    ann = load_annotations(args.ann, train)
+    cfg = Config.load(overrides=base_overrides(args) + list(args.set) + ["train.eval_every=1"])
+    out = Path(args.out) / f"{args.run}.jsonl"
+    emit(out, {"run": args.run, "config": cfg.to_dict()})
+
+    def log(epoch, stats, trainer):
+        keep = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()}
+        emit(out, keep)
+
+    final = CoReg(cfg, callbacks=[log], progress=False).fit(train, ann, test)
+    emit(out, {"final_test_accuracy": final.get("test_accuracy"), "seconds": final["seconds"]})
+
+
+def driver(args) -> None:
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+           "python": sys.version.split()[0]}
+    print(json.dumps(env), flush=True)
+    t0 = time.perf_counter()
+    train = load_image_table(f"{args.data}/train.parquet", limit=args.limit)
+    test = load_image_table(f"{args.data}/test.parquet", limit=args.limit)
+    decode_s = time.perf_counter() - t0
+    tables = "/tmp/coreg-cifar-tables.pt"
+    torch.save({"train": train, "test": test}, tables)
+    ann = load_annotations(args.ann, train)
+    summary = {"env": env, "train_images": len(train), "test_images": len(test),
+               "decode_seconds": round(decode_s, 2), "backbone": args.backbone,
+               "batch_size": args.batch_size, "seed": args.seed}
+    if args.ann_stats:
+        summary["annotator"] = [json.loads(line) for line in open(args.ann_stats)
+                                if line.startswith("{")]
+
+    # 1. speed, alone on the device
+    speed = []
+
+    def timed(epoch, stats, trainer):
+        speed.append({"epoch": epoch, "phase": stats["phase"],
+                      "seconds": round(stats["epoch_seconds"], 3),
+                      "p_fraction": stats.get("p_fraction"), "bf16": trainer.bf16,
+                      "channels_last": trainer.channels_last})
+        print(json.dumps(speed[-1]), flush=True)
+
+    cfg = Config.load(overrides=base_overrides(args) + [
+        f"train.epochs={1 + args.speed_epochs}", "train.warmup_epochs=1", "coreg.feature_delay=-1",
+        "train.eval_every=100000"])
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    CoReg(cfg, callbacks=[timed], progress=False).fit(train, ann)
+    summary["speed"] = speed
+    if dev == "cuda":
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.empty_cache()
+    t_w = speed[0]["seconds"]
+    t_c = max(s["seconds"] for s in speed[1:])
+    summary["steady_coreg_epoch_seconds"] = min(s["seconds"] for s in speed[2:]) if len(speed) > 2 else t_c
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    # 2. plan the accuracy runs: largest E whose sequential cost fits what is left
+    left = args.budget - (time.perf_counter() - t_start) - args.overhead
+    best = None
+    for e in range(4, args.max_epochs + 1):
+        w = max(2, round(e / 4))
+        cost = e * t_w + 2 * (w * t_w + (e - w) * t_c)
+        if cost <= left:
+            best = (e, w, cost)
+    if best is None:
+        summary["plan"] = {"skipped": f"only {left:.0f} s left"}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print("no time left for the accuracy runs", flush=True)
+        return
+    e, w, cost = best
+    summary["plan"] = {"epochs": e, "warmup_epochs": w, "predicted_sequential_seconds": round(cost),
+                       "seconds_left": round(left), "extra": short_run_overrides(e, w)}
+    print(json.dumps(summary["plan"]), flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    procs = {}
+    logs = open(out / "logs.txt", "w")
+    for name, extra in RUNS.items():
+        cmd = [sys.executable, __file__, "--run", name, "--tables", tables, "--ann", args.ann,
+               "--out", str(out), "--backbone", args.backbone, "--batch-size", str(args.batch_size),
+               "--seed", str(args.seed)]
+        for s in short_run_overrides(e, w) + extra(e, w):
+            cmd += ["--set", s]
+        procs[name] = subprocess.Popen(cmd, stdout=logs, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = t_start + args.budget
+    while any(p.poll() is None for p in procs.values()) and time.perf_counter() < deadline:
+        time.sleep(2)
+    for name, p in procs.items():
+        if p.poll() is None:
+            p.kill()
+            print(f"{name}: stopped at the budget", flush=True)
+    results = {}
+    for name in RUNS:
+        lines = [json.loads(x) for x in open(out / f"{name}.jsonl")] if (out / f"{name}.jsonl").exists() else []
+        epochs = [x for x in lines if "epoch" in x]
+        results[name] = {"epochs_done": len(epochs), "returncode": procs[name].returncode,
+                         "final_test_accuracy": next((x["final_test_accuracy"] for x in lines
+                                                     if "final_test_accuracy" in x), None),
+                         "last_test_accuracy": epochs[-1].get("test_accuracy") if epochs else None,
+                         "mean_epoch_seconds_concurrent": round(sum(x["epoch_seconds"] for x in epochs)
+                                                                / max(len(epochs), 1), 2)}
+    summary["results"] = results
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(results, indent=1), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=".devdata/cifar10-jpeg")
+    ap.add_argument("--ann", default=".devdata/ann/sim-pc100.parquet")
+    ap.add_argument("--ann-stats", default=None)
+    ap.add_argument("--out", default="runs/gpu-cifar")
+    ap.add_argument("--budget", type=float, default=400.0, help="wall seconds for the whole script")
+    ap.add_argument("--overhead", type=float, default=45.0,
+                    help="seconds reserved for child start-up and final evaluation")
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--speed-epochs", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--backbone", default="preact_resnet18")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tables", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    child(args) if args.run else driver(args)
+
+
+if __name__ == "__main__":
+    main()
