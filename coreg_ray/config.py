@@ -77,6 +77,9 @@ class CoRegConfig:
     contrastive: bool = True
     prototypes: bool = True
     use_unlabeled: bool = True  # False: U samples are dropped from the loss
+    # DivideMix's penalty sum_c pi_c log(pi_c / mean_b p_bc) with a uniform prior pi (used by
+    # the `dividemix` method, off for Co-Reg as in the paper)
+    prior_penalty: bool = False
 
 
 @dataclass

@@ -52,6 +52,14 @@ def squared_error(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((probs.float() - targets) ** 2).mean(1)
 
 
+def uniform_prior_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """DivideMix's regulariser sum_c pi_c log(pi_c / pbar_c), pbar = batch-mean softmax, pi
+    uniform: zero when the batch predicts every class equally often on average."""
+    pbar = F.softmax(logits.float(), dim=1).mean(0)
+    prior = torch.full_like(pbar, 1.0 / pbar.numel())
+    return (prior * torch.log(prior / pbar.clamp_min(1e-12))).sum()
+
+
 def consistency_loss(logits: torch.Tensor, targets: torch.Tensor, is_p: torch.Tensor):
     """Paper Eq. 9: (CE on P, squared error on U), each averaged over its own rows."""
     l_p = _masked_mean(soft_cross_entropy(logits, targets), is_p)

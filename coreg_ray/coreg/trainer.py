@@ -27,7 +27,8 @@ from coreg_ray.coreg.labels import (classwise_minmax, co_pseudo_labels, distribu
                                     gmm_clean_probability, minmax_normalize, mixup,
                                     update_prototypes)
 from coreg_ray.coreg.losses import (consistency_loss, contrastive_masks, division_loss,
-                                    noisy_contrastive_loss, prototype_alignment_loss, warmup_loss)
+                                    noisy_contrastive_loss, prototype_alignment_loss,
+                                    uniform_prior_penalty, warmup_loss)
 from coreg_ray.coreg.models import build_model
 from coreg_ray.data.annotations import AnnotationTable, check_candidates
 from coreg_ray.data.augment import DeviceAugment, channel_stats
@@ -57,6 +58,90 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
                         align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class TrainingData:
+    """Everything a trainer needs from the tables, already on the training device."""
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    images: torch.Tensor  # uint8 [N, 3, S, S] on the device
+    candidates: torch.Tensor  # float [N, C] 0/1 (few-shot rows = their true label)
+    trusted: torch.Tensor  # bool [N]: few-shot samples
+    trusted_index: np.ndarray
+    labels: torch.Tensor | None  # long [N] when the table has truth (metrics only)
+    test: tuple | None  # (uint8 images, long labels) on the device
+    soft_targets: torch.Tensor | None  # float [N, C]: the annotator's mean template probabilities
+    aug: DeviceAugment
+    mean: list
+    std: list
+    classes: list
+    num_classes: int
+    n: int
+    image_size: int
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def cl(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def prepare_training_data(cfg: Config, train: ImageTable, annotations,
+                          test: ImageTable | None) -> TrainingData:
+    """Check the tables against each other and move them to the device (one copy, uint8)."""
+    device = resolve_device(cfg.train.device)
+    prec = cfg.train.precision
+    if prec not in ("auto", "bf16", "fp32"):
+        raise CoregError(f"train.precision must be auto, bf16 or fp32, got {prec}")
+    bf16 = (prec == "bf16") or (prec == "auto" and device.type == "cuda")
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    if device.type == "cuda":
+        # batch shapes repeat every step (equal P/U batches), so autotuned kernels pay off
+        torch.backends.cudnn.benchmark = True
+    probs = None
+    if isinstance(annotations, AnnotationTable):
+        ann = annotations.align_to(train.ids, "annotations")
+        cand, probs = ann.candidates, ann.probs
+    else:
+        cand = np.asarray(annotations, bool)
+        if cand.shape[0] != len(train):
+            raise CoregError(f"candidates have {cand.shape[0]} rows, images {len(train)}")
+    if cand.shape[1] != train.num_classes:
+        raise CoregError(f"annotations have {cand.shape[1]} classes, images "
+                         f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
+    check_candidates(cand, train.ids, "annotations")
+    trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
+    cand, trusted = apply_few_shot(cand, train.labels, trusted_index) \
+        if len(trusted_index) else (cand, np.zeros(len(cand), bool))
+    size = cfg.data.image_size or train.image_size
+    images = resize_images(train.images, size)
+    mean, std = channel_stats(images)
+    test_dev = None
+    if test is not None:
+        if test.num_classes != train.num_classes:
+            raise CoregError(f"test table has {test.num_classes} classes, train {train.num_classes}")
+        if test.labels is None:
+            raise CoregError("test table has no labels: nothing to measure accuracy against")
+        test_dev = (resize_images(test.images, size).to(device),
+                    torch.as_tensor(test.labels, device=device))
+    soft = None
+    if probs is not None:
+        soft = torch.as_tensor(np.asarray(probs), dtype=torch.float32, device=device)
+        if len(trusted_index):
+            soft[torch.as_tensor(trusted_index, device=device)] = torch.as_tensor(
+                cand[trusted_index], dtype=torch.float32, device=device)
+    return TrainingData(
+        device=device, bf16=bf16, channels_last=channels_last, images=images.to(device),
+        candidates=torch.as_tensor(cand, dtype=torch.float32, device=device),
+        trusted=torch.as_tensor(trusted, device=device), trusted_index=trusted_index,
+        labels=None if train.labels is None else torch.as_tensor(train.labels, device=device),
+        test=test_dev, soft_targets=soft,
+        aug=DeviceAugment(mean, std, size, cfg.data.crop_padding, cfg.data.strong_ops, device,
+                          cfg.train.seed, cfg.data.hflip),
+        mean=mean, std=std, classes=list(train.classes), num_classes=train.num_classes,
+        n=len(train), image_size=size)
 
 
 @dataclass
@@ -96,51 +181,13 @@ class CoReg:
     # ------------------------------------------------------------------------ set-up
     def _prepare(self, train: ImageTable, annotations, test: ImageTable | None):
         cfg = self.cfg
-        self.device = resolve_device(cfg.train.device)
-        prec = cfg.train.precision
-        if prec not in ("auto", "bf16", "fp32"):
-            raise CoregError(f"train.precision must be auto, bf16 or fp32, got {prec}")
-        self.bf16 = (prec == "bf16") or (prec == "auto" and self.device.type == "cuda")
-        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            # batch shapes repeat every step (equal P/U batches), so autotuned kernels pay off
-            torch.backends.cudnn.benchmark = True
-        if isinstance(annotations, AnnotationTable):
-            ann = annotations.align_to(train.ids, "annotations")
-            cand = ann.candidates
-        else:
-            cand = np.asarray(annotations, bool)
-            if cand.shape[0] != len(train):
-                raise CoregError(f"candidates have {cand.shape[0]} rows, images {len(train)}")
-        if cand.shape[1] != train.num_classes:
-            raise CoregError(f"annotations have {cand.shape[1]} classes, images "
-                             f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
-        check_candidates(cand, train.ids, "annotations")
-        self.trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
-        cand, trusted = apply_few_shot(cand, train.labels, self.trusted_index) \
-            if len(self.trusted_index) else (cand, np.zeros(len(cand), bool))
-        size = cfg.data.image_size or train.image_size
-        images = resize_images(train.images, size)
-        self.image_size = size
-        self.mean, self.std = channel_stats(images)
-        self.classes = list(train.classes)
-        self.num_classes = train.num_classes
-        self.n = len(train)
+        data = prepare_training_data(cfg, train, annotations, test)
+        self.data = data
+        for name in ("device", "bf16", "channels_last", "images", "candidates", "trusted",
+                     "trusted_index", "labels", "test", "aug", "mean", "std", "classes",
+                     "num_classes", "n", "image_size"):
+            setattr(self, name, getattr(data, name))
         dev = self.device
-        self.images = images.to(dev)
-        self.candidates = torch.as_tensor(cand, dtype=torch.float32, device=dev)
-        self.trusted = torch.as_tensor(trusted, device=dev)
-        self.labels = None if train.labels is None else torch.as_tensor(train.labels, device=dev)
-        self.test = None
-        if test is not None:
-            if test.num_classes != train.num_classes:
-                raise CoregError(f"test table has {test.num_classes} classes, train {train.num_classes}")
-            if test.labels is None:
-                raise CoregError("test table has no labels: nothing to measure accuracy against")
-            self.test = (resize_images(test.images, size).to(dev),
-                         torch.as_tensor(test.labels, device=dev))
-        self.aug = DeviceAugment(self.mean, self.std, size, cfg.data.crop_padding,
-                                 cfg.data.strong_ops, dev, cfg.train.seed, cfg.data.hflip)
         # Models: same seed on every rank, so DDP replicas start identical.
         torch.manual_seed(cfg.train.seed)
         self.raw_nets = [self._new_net() for _ in range(2)]
@@ -426,6 +473,8 @@ class CoReg:
             logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
             lx, lu = consistency_loss(logits[:m], t_mix, is_p)
             loss = lx + c.lambda_u * ramp * lu
+            if c.prior_penalty:
+                loss = loss + uniform_prior_penalty(logits[:m])
             lprot = lcont = torch.zeros((), device=dev)
             if use_proto:
                 lprot = prototype_alignment_loss(z[:m], self.prototypes, t_mix, is_p, c.proto_temp,

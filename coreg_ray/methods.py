@@ -1,0 +1,118 @@
+"""Every method of the paper's comparisons behind one function: `run_method(name, ...)`.
+
+- `zero_shot`: no training; the annotator's own accuracy on the test images (vote ensemble and
+  per template), read from the test split's annotation table.
+- `coreg` and its ablations (paper Table V) and `warmup_only`: the Co-Reg trainer with switches.
+- `dividemix` (Li et al., ICLR 2020) on the single noisy label (the annotator's ensemble argmax):
+  the Co-Reg loop with one-hot "candidate sets", which is exactly DivideMix's co-divide (GMM on
+  the per-sample CE, each net split by its peer), label refinement on the labelled split
+  (w*y + (1-w)*own, sharpened), co-guessing on the unlabelled split (mean of both nets' weak-view
+  predictions, sharpened), MixMatch with lam' = max(lam, 1-lam), MSE on U ramped over 16 epochs,
+  plus DivideMix's uniform-prior penalty; no prototypes, no contrastive term, no distribution
+  alignment. lambda_u = 25 (DivideMix's CIFAR-10 value for 50 % noise).
+- the baselines of `coreg_ray.baselines.METHODS` (PLL losses, PiCO family, ALIM, KD).
+
+Each returns a dict with at least `method`, `test_accuracy`, `seconds`, `epochs`, `history`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import yaml
+
+from coreg_ray.config import Config
+from coreg_ray.data.annotations import AnnotationTable, annotation_stats, ensemble_prediction
+from coreg_ray.errors import CoregError
+
+# name -> (description, Co-Reg config overrides)
+COREG_VARIANTS = {
+    "coreg": ("Co-Reg (paper)", []),
+    "coreg_balanced": ("Co-Reg, class-balanced GMM split (ours)", ["coreg.class_balanced_split=true"]),
+    "coreg_no_copl": ("Co-Reg w/o co-pseudo-labeling (self labels)", ["coreg.co_pseudo_labels=false"]),
+    "coreg_supcon": ("Co-Reg, plain SupCon instead of noisy contrastive",
+                     ["coreg.noisy_contrastive=false"]),
+    "coreg_no_proto": ("Co-Reg w/o prototype alignment", ["coreg.prototypes=false"]),
+    "coreg_no_u": ("Co-Reg w/o the unlabeled split U", ["coreg.use_unlabeled=false"]),
+    "warmup_only": ("warm-up loss only (partial CE + neg. entropy), all epochs", None),
+    "dividemix": ("DivideMix on the ensemble label", [
+        "coreg.prototypes=false", "coreg.contrastive=false", "coreg.distribution_alignment=false",
+        "coreg.class_balanced_split=false", "coreg.prior_penalty=true", "coreg.lambda_u=25"]),
+}
+
+
+def method_names() -> list[str]:
+    from coreg_ray.baselines import METHODS
+    return ["zero_shot", *COREG_VARIANTS, *METHODS]
+
+
+def describe(name: str) -> str:
+    from coreg_ray.baselines import METHODS
+    if name == "zero_shot":
+        return "zero-shot: the annotator's own vote-ensemble accuracy"
+    if name in COREG_VARIANTS:
+        return COREG_VARIANTS[name][0]
+    if name in METHODS:
+        return (METHODS[name].__doc__ or name).strip().split("\n")[0]
+    raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+
+
+def zero_shot(test_annotations: AnnotationTable | None, test) -> dict:
+    if test_annotations is None or test is None or test.labels is None:
+        raise CoregError("zero_shot needs the test images' annotation table (with --test-images "
+                         "labels): it measures the annotator itself")
+    ann = test_annotations.align_to(test.ids, "test annotations")
+    stats = annotation_stats(ann, test.labels)
+    return {"method": "zero_shot", "test_accuracy": stats["ensemble_accuracy"], "seconds": 0.0,
+            "epochs": 0, "history": [], "template_accuracy": stats.get("template_accuracy"),
+            "vote_accuracy": stats.get("vote_accuracy"),
+            "partial_accuracy": stats.get("partial_accuracy"),
+            "avg_candidates": stats["avg_candidates"]}
+
+
+def onehot_ensemble(ann: AnnotationTable, seed: int = 0) -> AnnotationTable:
+    """The single noisy label as a one-element candidate set: the ensemble argmax, or, for
+    tables with neither probabilities nor votes (synthetic sets), one candidate drawn uniformly
+    (seeded) — the first candidate would bias every label towards low class indices."""
+    if ann.probs is None and ann.votes is None:
+        # a stream of its own: default_rng(seed) would replay the draws that built the sets
+        rng = np.random.default_rng([seed, 0x1AB1E])
+        keys = rng.random(ann.candidates.shape) * ann.candidates
+        pred = keys.argmax(1)
+    else:
+        pred = ensemble_prediction(ann)
+    cand = np.zeros_like(ann.candidates)
+    cand[np.arange(len(pred)), pred] = True
+    return AnnotationTable(ann.ids, cand, ann.votes, ann.probs,
+                           {**ann.meta, "derived": "ensemble argmax (single label)"})
+
+
+def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test=None,
+               test_annotations: AnnotationTable | None = None, params: dict | None = None,
+               callbacks=(), progress: bool = False) -> dict:
+    """Train (or, for zero_shot, just measure) one method; see the module doc."""
+    from coreg_ray.baselines import METHODS, BaselineTrainer
+    from coreg_ray.coreg.trainer import CoReg
+
+    if name == "zero_shot":
+        return zero_shot(test_annotations, test)
+    if name in COREG_VARIANTS:
+        if params:
+            raise CoregError(f"{name}: set Co-Reg options as config keys (coreg.*), not params")
+        cfg = Config.from_dict(cfg.to_dict())  # never mutate the caller's config
+        overrides = COREG_VARIANTS[name][1]
+        if overrides is None:  # warm-up only
+            cfg.set("train.warmup_epochs", cfg.train.epochs)
+        else:
+            for o in overrides:
+                key, value = o.split("=", 1)
+                cfg.set(key, yaml.safe_load(value))
+        ann = onehot_ensemble(annotations, cfg.train.seed) if name == "dividemix" else annotations
+        trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
+    elif name in METHODS:
+        ann = annotations
+        trainer = BaselineTrainer(METHODS[name], cfg, params, callbacks=callbacks, progress=progress)
+    else:
+        raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+    final = trainer.fit(train, ann, test)
+    return {"method": name, "test_accuracy": final.get("test_accuracy"),
+            "seconds": final.get("seconds"), "epochs": cfg.train.epochs,
+            "history": trainer.history}
