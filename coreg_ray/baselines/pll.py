@@ -114,14 +114,19 @@ class LWS(_OneNet):
     (authors' `confidence_update_lw`): softmax renormalised over the candidates on S plus
     softmax renormalised over the non-candidates off S. beta = 1: the authors' CIFAR-10 setting
     for every partial rate (their Run.md: `-lo lws -lw 1`; the paper searches beta in {1, 2},
-    beta = 2 being their MNIST choice at q = 0.1)."""
+    beta = 2 being their MNIST choice at q = 0.1). `lr_scale` 5: the bounded sigmoid loss has
+    small gradients, and the authors train CIFAR-10 at lr 0.05, five times the shared 0.01 (at
+    0.01 it reaches 0.65 on digits in 8 epochs vs 0.87 at 0.05); the schedule stays the shared
+    cosine."""
 
     name = "lws"
-    defaults = {"beta": 1.0}
+    defaults = {"beta": 1.0, "lr_scale": 5.0}
 
     def __init__(self, data, cfg, params=None):
         super().__init__(data, cfg, params)
         self.weights = lws_init(data.candidates)
+        for g in self.opts[0].param_groups:
+            g["lr_scale"] = self.p["lr_scale"]
 
     def train_step(self, idx, epoch, step, steps):
         d = self.data
