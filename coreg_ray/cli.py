@@ -210,6 +210,20 @@ def cmd_evaluate(args):
     print(json.dumps(res, indent=2, default=float))
 
 
+def cmd_experiment(args):
+    from coreg_ray.experiment import run_experiment
+
+    table = run_experiment(args.config, args.output, args.set or [], parallel=args.parallel,
+                           resume=not args.no_resume, mlflow=False if args.no_mlflow else None)
+    print(table.markdown)
+    s = table.summary
+    print(f"table: {Path(args.output) / 'table.md'} (and table.csv); runs: "
+          f"{Path(args.output) / 'results.jsonl'}", file=sys.stderr)
+    if s.get("runs_failed"):
+        raise CoregError(f"{s['runs_failed']} of {s['runs']} runs failed (their cells read "
+                         f"'failed'; errors in {Path(args.output) / 'results.jsonl'})")
+
+
 def cmd_quickstart(args):
     from coreg_ray.quickstart import run_quickstart
 
@@ -298,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("experiment",
+                       help="grid of (setting, method, shots, seed) runs on Ray -> paper-style table")
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/exp-*.yaml)")
+    p.add_argument("--output", required=True,
+                   help="results.jsonl, table.md, table.csv; launching again resumes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override the base config of every run, e.g. train.epochs=2")
+    p.add_argument("--parallel", type=int, default=None, help="at most N runs at once")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-resume", action="store_true",
+                   help="run everything again (earlier results.jsonl is set aside)")
+    p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("quickstart", help="embedded data -> simulated annotator -> Co-Reg -> table")
     p.add_argument("--output", default="runs/quickstart")
