@@ -8,6 +8,11 @@ class CoregError(Exception):
     """An error caused by the user's input or environment. The CLI prints it as one line."""
 
 
+class NotApplicable(CoregError):
+    """The method cannot run on this input by construction (e.g. distilling an annotator's
+    probabilities from a table that has none). Experiment tables show such cells as `n/a`."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or fail with a line naming the extra that provides it."""
     try:

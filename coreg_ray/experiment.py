@@ -238,6 +238,7 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
             vals = [100.0 * float(r["test_accuracy"]) for r in recs
                     if r.get("status", "ok") != "failed" and r.get("test_accuracy") is not None]
             failed = sum(1 for r in recs if r.get("status") == "failed")
+            not_applicable = bool(recs) and all(r.get("status") == "n/a" for r in recs)
             cell = {"n": len(vals), "failed": failed, "mean": None, "std": None}
             if vals:
                 mean, std = _stats(vals)
@@ -250,7 +251,7 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
                 shown = round(mean, digits)
                 best_val[ck[0]] = max(best_val.get(ck[0], -math.inf), shown)
             else:
-                text = "failed" if failed else "–"
+                text = "n/a" if not_applicable else ("failed" if failed else "–")
             cell["text"] = text
             cells[(rk[0], ck[0])] = cell
             texts.append(text)
@@ -714,7 +715,9 @@ def execute_run(run: dict, train, test, annotations, test_annotations) -> dict:
         if isinstance(exc, KeyboardInterrupt):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        out.update(status="failed", test_accuracy=None,
+        from coreg_ray.errors import NotApplicable
+
+        out.update(status="n/a" if isinstance(exc, NotApplicable) else "failed", test_accuracy=None,
                    error=f"{type(exc).__name__}: {msg}"[:1000],
                    traceback=traceback.format_exc()[-4000:])
     out["wall_seconds"] = time.perf_counter() - t0
@@ -917,7 +920,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
     for rec in _read_results(results_path):  # the last record of a run wins
         if fingerprints.get(rec.get("key")) == rec.get("fingerprint"):
             latest[rec["key"]] = rec
-    todo = [r for r in runs if latest.get(r["key"], {}).get("status") != "ok"]
+    todo = [r for r in runs if latest.get(r["key"], {}).get("status") not in ("ok", "n/a")]
     done_before = len(runs) - len(todo)
 
     # the data: each distinct table loaded once; annotations once per setting
@@ -1074,6 +1077,8 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                     if rec["status"] == "ok":
                         what = (f"{100 * rec['test_accuracy']:5.1f}% in "
                                 f"{rec.get('seconds') or 0:.1f} s")
+                    elif rec["status"] == "n/a":
+                        what = f"n/a ({rec['error']})"
                     else:
                         what = f"FAILED ({rec['error']})"
                     shots = f" · {run['shots']}-shot" if exp.shots != [0] else ""

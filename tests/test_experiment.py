@@ -52,6 +52,16 @@ def test_format_table_mean_std_bold_failed_and_missing():
     assert t.csv.splitlines()[0] == "method,A,B" and "Ours,48.0 ± 2.8,failed" in t.csv
 
 
+def test_format_table_marks_not_applicable_cells():
+    rows = [_row("kd_unsup", "VLM", 0, 0.6), _row("cc", "synthetic", 0, 0.5),
+            {**_row("kd_unsup", "synthetic", 0, failed=True), "status": "n/a"}]
+    t = format_table(rows, ["kd_unsup", "cc"], ["VLM", "synthetic"])
+    kd = t.rows[0]
+    assert t.cells[(kd, "synthetic")]["text"] == "n/a"
+    assert t.cells[(kd, "synthetic")]["failed"] == 0
+    assert t.best == {(kd, "VLM"), ("CC", "synthetic")}
+
+
 def test_format_table_ties_bold_by_displayed_value_and_stat_rows():
     rows = [_row("a", "S", 0, 0.50001), _row("b", "S", 0, 0.49996), _row("c", "S", 0, 0.2)]
     t = format_table(rows, stats={"S": {"partial_accuracy": 0.9123, "avg_candidates": 1.5}})

@@ -16,7 +16,7 @@ from coreg_ray.baselines.losses import (candidate_confidence, cc_loss, complemen
                                         cr_confidence, kd_loss, kl_to_confidence, linear_ramp,
                                         lws_init, lws_loss, lws_weights, uniform_confidence,
                                         weighted_ce_loss)
-from coreg_ray.errors import CoregError
+from coreg_ray.errors import CoregError, NotApplicable
 
 
 @register
@@ -188,7 +188,7 @@ class KDUnsup(_OneNet):
 
     def __init__(self, data, cfg, params=None):
         if data.soft_targets is None:
-            raise CoregError("kd_unsup distils the annotator's probabilities, but the annotation "
+            raise NotApplicable("kd_unsup distils the annotator's probabilities, but the annotation "
                              "table has no `probs` column (candidate sets only); annotate with a "
                              "run that records the mean template probabilities")
         super().__init__(data, cfg, params)
