@@ -452,13 +452,20 @@ class Experiment:
                 raise CoregError(f"{where}: setting '{s.name}': method zero_shot needs "
                                  "test_annotations (the annotator's table for the test images)")
             self.run_config(s)  # unknown config keys and bad values fail here
-        from coreg_ray.methods import COREG_VARIANTS
+        from coreg_ray.methods import COREG_VARIANTS, FEWSHOT
 
+        for m in self.methods:
+            if m in FEWSHOT and m not in self.params:
+                raise CoregError(f"{where}: method {m} needs params.{m}.model (the annotator "
+                                 "model to fine-tune)")
         for m, p in self.params.items():
             if m not in self.methods:
                 raise CoregError(f"{where}: params.{m}: '{m}' is not in methods")
             if not isinstance(p, dict):
                 raise CoregError(f"{where}: params.{m} must be a mapping")
+            if m in FEWSHOT and not p.get("model"):
+                raise CoregError(f"{where}: params.{m}.model is required (the annotator model "
+                                 "to fine-tune)")
             if p and (m in COREG_VARIANTS or m == "zero_shot"):
                 raise CoregError(f"{where}: params.{m}: set Co-Reg options as config keys "
                                  "(config: {coreg: {...}}), not params")

@@ -39,9 +39,17 @@ COREG_VARIANTS = {
 }
 
 
+# The paper's few-shot comparators: they fine-tune the annotator itself on k labelled images
+# per class (fewshot.shots); `params: {coop: {model: "clip:ViT-B-32/openai"}}` names the model.
+FEWSHOT = {
+    "coop": "CoOp: learned prompt context for the CLIP annotator (k shots per class)",
+    "lora": "LoRA fine-tuning of the LLaVA annotator (k shots per class)",
+}
+
+
 def method_names() -> list[str]:
     from coreg_ray.baselines import METHODS
-    return ["zero_shot", *COREG_VARIANTS, *METHODS]
+    return ["zero_shot", *COREG_VARIANTS, *METHODS, *FEWSHOT]
 
 
 def describe(name: str) -> str:
@@ -50,6 +58,8 @@ def describe(name: str) -> str:
         return "zero-shot: the annotator's own vote-ensemble accuracy"
     if name in COREG_VARIANTS:
         return COREG_VARIANTS[name][0]
+    if name in FEWSHOT:
+        return FEWSHOT[name]
     if name in METHODS:
         return (METHODS[name].__doc__ or name).strip().split("\n")[0]
     raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
@@ -85,6 +95,29 @@ def onehot_ensemble(ann: AnnotationTable, seed: int = 0) -> AnnotationTable:
                            {**ann.meta, "derived": "ensemble argmax (single label)"})
 
 
+def fewshot_method(name: str, cfg: Config, train, test, params: dict | None) -> dict:
+    """CoOp / LoRA on `fewshot.shots` labelled images per class (the same images Co-Reg's
+    few-shot run trusts: `few_shot_indices(labels, shots, fewshot.seed)`)."""
+    from coreg_ray.errors import NotApplicable
+
+    p = dict(params or {})
+    model = p.pop("model", None)
+    if not model:
+        what = "a clip:MODEL/PRETRAINED spec" if name == "coop" else "a LLaVA folder or llava:PATH"
+        raise CoregError(f"{name}: set params.{name}.model ({what})")
+    shots = cfg.fewshot.shots
+    if shots < 1:
+        raise NotApplicable(f"{name} fine-tunes on labelled shots: it needs fewshot.shots >= 1")
+    if name == "coop":
+        from coreg_ray.fewshot.coop import train_coop
+        res = train_coop(model, train, test, shots=shots, seed=cfg.fewshot.seed, **p)
+    else:
+        from coreg_ray.fewshot.lora import train_lora_llava
+        res = train_lora_llava(model, train, test, shots=shots, seed=cfg.fewshot.seed, **p)
+    return {"method": name, "test_accuracy": res.get("test_accuracy"), "seconds": res.get("seconds"),
+            "epochs": res.get("epochs"), "history": [], "shots": shots}
+
+
 def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test=None,
                test_annotations: AnnotationTable | None = None, params: dict | None = None,
                callbacks=(), progress: bool = False) -> dict:
@@ -94,6 +127,8 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
 
     if name == "zero_shot":
         return zero_shot(test_annotations, test)
+    if name in FEWSHOT:
+        return fewshot_method(name, cfg, train, test, params)
     if name in COREG_VARIANTS:
         if params:
             raise CoregError(f"{name}: set Co-Reg options as config keys (coreg.*), not params")

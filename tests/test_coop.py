@@ -112,3 +112,19 @@ def test_sweep_rows_through_run_fewshot():
     assert all("ctx" not in r and 0 <= r["test_accuracy"] <= 1 for r in rows)
     with pytest.raises(CoregError, match="coop, lora"):
         run_fewshot("adapter", SPEC, table, table)
+
+
+def test_coop_through_run_method_uses_the_fewshot_config():
+    from coreg_ray.errors import NotApplicable
+    from coreg_ray.methods import run_method
+    from tests.conftest import tiny_config
+
+    table = _tables(n_per_class=2)
+    cfg = tiny_config(**{"fewshot.shots": 2, "fewshot.seed": 0})
+    out = run_method("coop", cfg, table, None, table,
+                     params={"model": SPEC, "epochs": 1, "n_ctx": 2, "augment": False})
+    assert out["method"] == "coop" and out["shots"] == 2 and 0 <= out["test_accuracy"] <= 1
+    with pytest.raises(CoregError, match="params.coop.model"):
+        run_method("coop", cfg, table, None, table, params={"epochs": 1})
+    with pytest.raises(NotApplicable, match="fewshot.shots >= 1"):
+        run_method("coop", tiny_config(), table, None, table, params={"model": SPEC})
