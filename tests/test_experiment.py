@@ -214,6 +214,8 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_local, tmp_
     assert zs[0] == zs[1]  # the annotator does not depend on the run's seed
     assert (out / "table.csv").read_text().startswith("method,")
     # MLflow: one parent, a child per run with the per-epoch test accuracy
+    # an earlier test may have called mlflow.set_tracking_uri, which beats the env variable
+    mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["coreg-ray"])
     parent = runs[runs["tags.mlflow.parentRunId"].isna()]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
