@@ -82,7 +82,13 @@ KIND_KEYS = {"synthetic": ("q", "eta", "seed"),
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 SHOT_FREE = ("zero_shot",)  # methods whose result cannot depend on few-shot labels
 SHORT_LABELS = {"zero_shot": "Zero-shot (annotator, test)", "warmup_only": "Warm-up loss only",
-                "dividemix": "DivideMix (ensemble label)", "coreg": "Co-Reg"}
+                "dividemix": "DivideMix (ensemble label)", "coreg": "Co-Reg",
+                "coreg_balanced": "Co-Reg, class-balanced split", "kd_unsup": "KD_unsup",
+                "coreg_no_copl": "Co-Reg w/o co-pseudo-labels", "coreg_supcon": "Co-Reg, plain SupCon",
+                "coreg_no_proto": "Co-Reg w/o prototypes", "coreg_no_u": "Co-Reg w/o U",
+                "cc": "CC", "proden": "PRODEN", "rc": "RC", "lws": "LWS", "cr_dpll": "CR-DPLL",
+                "pico": "PiCO", "pico_plus": "PiCO+", "alim_onehot": "ALIM-Onehot",
+                "alim_scale": "ALIM-Scale", "coop": "CoOp", "lora": "LoRA"}
 SIMULATED_NOTE = "simulated VLM annotator — a stand-in, not a VLM"
 
 
