@@ -831,9 +831,11 @@ class _Tracker:
                       int(rec.get("epochs") or 0)) for k, v in final.items() if _finite(v)]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(cid, metrics=ms[i:i + 1000])
-        if rec["status"] == "failed":
-            self.client.set_tag(cid, "error", str(rec.get("error"))[:5000])
-        self.client.set_terminated(cid, "FINISHED" if rec["status"] == "ok" else "FAILED")
+        if rec["status"] in ("failed", "n/a"):
+            self.client.set_tag(cid, "error" if rec["status"] == "failed" else "not_applicable",
+                                str(rec.get("error"))[:5000])
+        # n/a is a finished answer (the method cannot apply), not a failure
+        self.client.set_terminated(cid, "FAILED" if rec["status"] == "failed" else "FINISHED")
         return cid
 
     def finish(self, status: str, summary: dict, files: list[Path]):

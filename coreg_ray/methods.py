@@ -70,6 +70,11 @@ def zero_shot(test_annotations: AnnotationTable | None, test) -> dict:
         raise CoregError("zero_shot needs the test images' annotation table (with --test-images "
                          "labels): it measures the annotator itself")
     ann = test_annotations.align_to(test.ids, "test annotations")
+    if ann.votes is None and ann.probs is None:
+        from coreg_ray.errors import NotApplicable
+        # synthetic sets: there is no annotator whose prediction could be measured
+        raise NotApplicable("zero_shot measures an annotator's votes/probabilities; this table "
+                            "has candidate sets only (synthetic?)")
     stats = annotation_stats(ann, test.labels)
     return {"method": "zero_shot", "test_accuracy": stats["ensemble_accuracy"], "seconds": 0.0,
             "epochs": 0, "history": [], "template_accuracy": stats.get("template_accuracy"),

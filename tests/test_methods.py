@@ -42,6 +42,10 @@ def test_zero_shot_reports_the_annotator_on_the_test_split(digits):
     assert len(out["template_accuracy"]) == 3
     with pytest.raises(CoregError, match="test images' annotation table"):
         run_method("zero_shot", tiny_config(), train, test_ann, test)
+    from coreg_ray.errors import NotApplicable
+    synthetic = synthetic_annotations(test.ids, test.labels, 10, q=0.3, eta=0.1)
+    with pytest.raises(NotApplicable, match="candidate sets only"):
+        run_method("zero_shot", tiny_config(), train, test_ann, test, test_annotations=synthetic)
 
 
 @pytest.mark.parametrize("name", ["dividemix", "warmup_only", "coreg_no_copl", "coreg_no_u",
