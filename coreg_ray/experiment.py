@@ -975,6 +975,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
         res = exp.resources
         n_ok = sum(r["status"] == "ok" for r in records)
         n_failed = sum(r["status"] == "failed" for r in records)
+        n_na = sum(r["status"] == "n/a" for r in records)
         return [
             f"Test accuracy (%) of the trained classifier (zero-shot: the annotator itself) on "
             f"the labelled test split; mean ± sample std over seeds {', '.join(map(str, exp.seeds))}; "
@@ -989,7 +990,8 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
             + (f"; shots per class: {', '.join(map(str, exp.shots))}" if exp.shots != [0] else ""),
             f"- hardware: {', '.join(devices) or 'not known yet'}; one Ray task per run "
             f"({res.get('num_cpus', 1)} CPU, {res.get('num_gpus', 0)} GPU)",
-            f"- runs: {n_ok} of {len(runs)} finished, {n_failed} failed",
+            f"- runs: {n_ok} of {len(runs)} finished, {n_failed} failed"
+            + (f", {n_na} not applicable (n/a)" if n_na else ""),
         ]
 
     def footer_lines():
