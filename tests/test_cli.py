@@ -91,7 +91,10 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
            "--no-mlflow", "--set", "model.backbone=mlp", "--set", "train.epochs=400",
            "--set", "train.warmup_epochs=2", "--set", "train.batch_size=128",
            "--set", "coreg.queue_size=256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`cmd &`) inherits SIGINT *ignored*, and Python then leaves it
+    # ignored: give the child the disposition a terminal would, so this tests the CLI only.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
