@@ -75,7 +75,7 @@ class PRODEN(_OneNet):
 
 
 @register
-class RC(_OneNet):
+class RC(PRODEN):
     """RC (Feng et al., NeurIPS 2020, "Provably consistent partial-label learning", the
     risk-consistent estimator): the same loss as PRODEN, -sum_j w_ij log p_ij, with w
     initialised uniform over the candidate set. As in the authors' code (RCCC `main.py`), the
@@ -88,10 +88,6 @@ class RC(_OneNet):
 
     name = "rc"
     defaults: dict = {}
-
-    def __init__(self, data, cfg, params=None):
-        super().__init__(data, cfg, params)
-        self.confidence = uniform_confidence(data.candidates)
 
     def train_step(self, idx, epoch, step, steps):
         d = self.data
