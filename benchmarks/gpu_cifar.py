@@ -6,12 +6,14 @@ and annotator vs warm-up-only vs Co-Reg at full size, with the epoch count sized
         --out $OUT --budget 400
 
 1. Speed (alone on the GPU): 1 warm-up + 3 Co-Reg epochs on all training images with the
-   given annotations, prototypes and contrastive term on from the first Co-Reg epoch.
-2. Accuracy: from the measured epoch times, the largest E (warm-up W = E/4) for which
-   warm-up-only (E epochs), Co-Reg with the paper's global split and Co-Reg with the
-   class-balanced split would fit in the rest of the budget even if run one after the other;
-   the three then run concurrently as child processes, one JSON line per epoch in OUT/NAME.jsonl
-   (so a run stopped by the budget still leaves its curve), test accuracy every epoch.
+   given annotations, prototypes and contrastive term on from the first Co-Reg epoch; eager,
+   then (`--compile-speed`, a child process stopped after --compile-timeout s) the same with
+   `train.compile=true` (+1 epoch: the first epochs pay the compilation).
+2. Accuracy: from the measured epoch times, the largest E <= --max-epochs (warm-up W = E/4,
+   or --epochs/--warmup fixed) for which the `--runs` x `--seeds` fit in the rest of the budget
+   (sequential cost x --concurrency-factor); they then run concurrently as child processes
+   (eager unless --compile-runs), one JSON line per epoch in OUT/NAME-seedS.jsonl (so a run
+   stopped by the budget still leaves its curve), test accuracy every epoch.
 
 Only torch, torchvision, numpy, pyarrow, Pillow, scikit-learn are needed (no Ray/MLflow), so it
 runs on the device machine from the checkout with PYTHONPATH=. .
@@ -41,10 +43,10 @@ RUNS = {
 }
 
 
-def base_overrides(args) -> list[str]:
+def base_overrides(args, seed: int) -> list[str]:
     return [f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
             f"train.warmup_batch_size={2 * args.batch_size}", "tracking.mlflow=false",
-            f"train.seed={args.seed}"]
+            f"train.seed={seed}"]
 
 
 def short_run_overrides(epochs: int, warmup: int) -> list[str]:
@@ -72,7 +74,12 @@ def child(args) -> None:
     tables = torch.load(args.tables, weights_only=False)
     train, test = tables["train"], tables["test"]
     ann = load_annotations(args.ann, train)
-    cfg = Config.load(overrides=base_overrides(args) + list(args.set) + ["train.eval_every=1"])
+    if args.run == "speed-compiled":
+        result = measure_speed(args, train, ann, True)
+        (Path(args.out) / "speed-compiled.json").write_text(json.dumps(result, indent=1))
+        return
+    cfg = Config.load(overrides=base_overrides(args, args.seeds[0]) + list(args.set)
+                      + ["train.eval_every=1"])
     out = Path(args.out) / f"{args.run}.jsonl"
     emit(out, {"run": args.run, "config": cfg.to_dict()})
 
@@ -82,6 +89,51 @@ def child(args) -> None:
 
     final = CoReg(cfg, callbacks=[log], progress=False).fit(train, ann, test)
     emit(out, {"final_test_accuracy": final.get("test_accuracy"), "seconds": final["seconds"]})
+
+
+def measure_speed(args, train, ann, compile_: bool) -> dict:
+    """1 warm-up + `speed_epochs` Co-Reg epochs alone on the device; seconds per epoch."""
+    speed = []
+
+    def timed(epoch, stats, trainer):
+        speed.append({"epoch": epoch, "phase": stats["phase"],
+                      "seconds": round(stats["epoch_seconds"], 3),
+                      "p_fraction": stats.get("p_fraction"), "bf16": trainer.bf16,
+                      "channels_last": trainer.channels_last, "compile": compile_})
+        print(json.dumps(speed[-1]), flush=True)
+
+    epochs = 1 + args.speed_epochs + (1 if compile_ else 0)
+    cfg = Config.load(overrides=base_overrides(args, args.seeds[0]) + [
+        f"train.epochs={epochs}", "train.warmup_epochs=1", "coreg.feature_delay=-1",
+        "train.eval_every=100000", f"train.compile={compile_}"] + list(args.speed_set))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    CoReg(cfg, callbacks=[timed], progress=False).fit(train, ann)
+    out = {"epochs": speed, "warmup_epoch_seconds": speed[0]["seconds"],
+           "first_coreg_epoch_seconds": speed[1]["seconds"],
+           # steady state: the cheapest of the last two (the first ones pay autotuning/compiling)
+           "steady_coreg_epoch_seconds": min(s["seconds"] for s in speed[-2:]),
+           "max_coreg_epoch_seconds": max(s["seconds"] for s in speed[-2:])}
+    if torch.cuda.is_available():
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.empty_cache()
+    return out
+
+
+def plan_epochs(args, t_w: float, t_c: float, left: float):
+    """Largest E (warm-up W = E/4) whose cost fits `left` seconds: each run's epochs at the
+    measured alone-on-the-device times, summed over runs and seeds, times the concurrency factor
+    (runs sharing the device finish sooner than one after the other)."""
+    if args.epochs:
+        return args.epochs, args.warmup or max(2, round(args.epochs / 4))
+    best = None
+    for e in range(4, args.max_epochs + 1):
+        w = max(2, round(e / 4))
+        per_seed = sum(e * t_w if name == "warmup-only" else w * t_w + (e - w) * t_c
+                       for name in args.runs)
+        if per_seed * len(args.seeds) * args.concurrency_factor <= left:
+            best = (e, w)
+    return best
 
 
 def driver(args) -> None:
@@ -101,86 +153,88 @@ def driver(args) -> None:
     ann = load_annotations(args.ann, train)
     summary = {"env": env, "train_images": len(train), "test_images": len(test),
                "decode_seconds": round(decode_s, 2), "backbone": args.backbone,
-               "batch_size": args.batch_size, "seed": args.seed}
+               "batch_size": args.batch_size, "seeds": args.seeds, "runs": args.runs}
     if args.ann_stats:
         summary["annotator"] = [json.loads(line) for line in open(args.ann_stats)
                                 if line.startswith("{")]
 
-    # 1. speed, alone on the device
-    speed = []
-
-    def timed(epoch, stats, trainer):
-        speed.append({"epoch": epoch, "phase": stats["phase"],
-                      "seconds": round(stats["epoch_seconds"], 3),
-                      "p_fraction": stats.get("p_fraction"), "bf16": trainer.bf16,
-                      "channels_last": trainer.channels_last})
-        print(json.dumps(speed[-1]), flush=True)
-
-    cfg = Config.load(overrides=base_overrides(args) + [
-        f"train.epochs={1 + args.speed_epochs}", "train.warmup_epochs=1", "coreg.feature_delay=-1",
-        "train.eval_every=100000"])
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    CoReg(cfg, callbacks=[timed], progress=False).fit(train, ann)
-    summary["speed"] = speed
-    if dev == "cuda":
-        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        torch.cuda.empty_cache()
-    t_w = speed[0]["seconds"]
-    t_c = max(s["seconds"] for s in speed[1:])
-    summary["steady_coreg_epoch_seconds"] = min(s["seconds"] for s in speed[2:]) if len(speed) > 2 else t_c
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-
-    # 2. plan the accuracy runs: largest E whose sequential cost fits what is left
-    left = args.budget - (time.perf_counter() - t_start) - args.overhead
-    best = None
-    for e in range(4, args.max_epochs + 1):
-        w = max(2, round(e / 4))
-        cost = e * t_w + 2 * (w * t_w + (e - w) * t_c)
-        if cost <= left:
-            best = (e, w, cost)
-    if best is None:
-        summary["plan"] = {"skipped": f"only {left:.0f} s left"}
+    def save():
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    # 1. speed, alone on the device: eager, then compiled (in a child with a time limit: an
+    #    Inductor compile of every graph can take minutes, and must not eat the accuracy runs)
+    summary["speed"] = {"eager": measure_speed(args, train, ann, False)}
+    save()
+    if args.compile_speed:
+        path = out / "speed-compiled.json"
+        cmd = [sys.executable, __file__, "--run", "speed-compiled", "--tables", tables,
+               "--ann", args.ann, "--out", str(out), "--backbone", args.backbone,
+               "--batch-size", str(args.batch_size), "--seeds", str(args.seeds[0]),
+               "--speed-epochs", str(args.speed_epochs)]
+        try:
+            subprocess.run(cmd, timeout=args.compile_timeout, check=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            summary["speed"]["compiled"] = json.loads(path.read_text())
+        except subprocess.TimeoutExpired:
+            summary["speed"]["compiled"] = {"error": f"not done within {args.compile_timeout} s"}
+        except subprocess.CalledProcessError as exc:
+            summary["speed"]["compiled"] = {"error": f"exit status {exc.returncode} (see the log)"}
+    use_compile = args.compile_runs
+    fast = summary["speed"]["eager"]
+    save()
+    if not args.runs:
+        return
+
+    # 2. plan the accuracy runs
+    left = args.budget - (time.perf_counter() - t_start) - args.overhead
+    plan = plan_epochs(args, fast["warmup_epoch_seconds"], fast["max_coreg_epoch_seconds"], left)
+    if plan is None:
+        summary["plan"] = {"skipped": f"only {left:.0f} s left"}
+        save()
         print("no time left for the accuracy runs", flush=True)
         return
-    e, w, cost = best
-    summary["plan"] = {"epochs": e, "warmup_epochs": w, "predicted_sequential_seconds": round(cost),
-                       "seconds_left": round(left), "extra": short_run_overrides(e, w)}
+    e, w = plan
+    summary["plan"] = {"epochs": e, "warmup_epochs": w, "seconds_left": round(left),
+                       "compile": use_compile, "extra": short_run_overrides(e, w)}
     print(json.dumps(summary["plan"]), flush=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    save()
 
     procs = {}
     logs = open(out / "logs.txt", "w")
-    for name, extra in RUNS.items():
-        cmd = [sys.executable, __file__, "--run", name, "--tables", tables, "--ann", args.ann,
-               "--out", str(out), "--backbone", args.backbone, "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed)]
-        for s in short_run_overrides(e, w) + extra(e, w):
-            cmd += ["--set", s]
-        procs[name] = subprocess.Popen(cmd, stdout=logs, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for seed in args.seeds:
+        for name in args.runs:
+            run = f"{name}-seed{seed}"
+            cmd = [sys.executable, __file__, "--run", run, "--tables", tables, "--ann", args.ann,
+                   "--out", str(out), "--backbone", args.backbone,
+                   "--batch-size", str(args.batch_size), "--seeds", str(seed)]
+            for s in short_run_overrides(e, w) + RUNS[name](e, w) + [f"train.compile={use_compile}"]:
+                cmd += ["--set", s]
+            procs[run] = subprocess.Popen(cmd, stdout=logs, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = t_start + args.budget
     while any(p.poll() is None for p in procs.values()) and time.perf_counter() < deadline:
         time.sleep(2)
-    for name, p in procs.items():
+    for run, p in procs.items():
         if p.poll() is None:
             p.kill()
-            print(f"{name}: stopped at the budget", flush=True)
+            print(f"{run}: stopped at the budget", flush=True)
     results = {}
-    for name in RUNS:
-        lines = [json.loads(x) for x in open(out / f"{name}.jsonl")] if (out / f"{name}.jsonl").exists() else []
+    for run in procs:
+        path = out / f"{run}.jsonl"
+        lines = [json.loads(x) for x in open(path)] if path.exists() else []
         epochs = [x for x in lines if "epoch" in x]
-        results[name] = {"epochs_done": len(epochs), "returncode": procs[name].returncode,
-                         "final_test_accuracy": next((x["final_test_accuracy"] for x in lines
-                                                     if "final_test_accuracy" in x), None),
-                         "last_test_accuracy": epochs[-1].get("test_accuracy") if epochs else None,
-                         "mean_epoch_seconds_concurrent": round(sum(x["epoch_seconds"] for x in epochs)
-                                                                / max(len(epochs), 1), 2)}
+        results[run] = {"epochs_done": len(epochs), "returncode": procs[run].returncode,
+                        "final_test_accuracy": next((x["final_test_accuracy"] for x in lines
+                                                    if "final_test_accuracy" in x), None),
+                        "last_test_accuracy": epochs[-1].get("test_accuracy") if epochs else None,
+                        "curve": [x.get("test_accuracy") for x in epochs],
+                        "mean_epoch_seconds_concurrent": round(sum(x["epoch_seconds"] for x in epochs)
+                                                               / max(len(epochs), 1), 2)}
     summary["results"] = results
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(results, indent=1), flush=True)
+    save()
+    print(json.dumps({k: {kk: v[kk] for kk in ("epochs_done", "final_test_accuracy")}
+                      for k, v in results.items()}, indent=1), flush=True)
 
 
 def main():
@@ -193,11 +247,22 @@ def main():
     ap.add_argument("--overhead", type=float, default=45.0,
                     help="seconds reserved for child start-up and final evaluation")
     ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=None, help="fix E instead of sizing it")
+    ap.add_argument("--warmup", type=int, default=None, help="with --epochs: W (default E/4)")
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--compile-speed", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the speed with train.compile=true (in a child process)")
+    ap.add_argument("--compile-timeout", type=float, default=150.0)
+    ap.add_argument("--speed-set", action="append", default=[],
+                    help="extra config override for the speed runs (repeatable)")
+    ap.add_argument("--compile-runs", action="store_true",
+                    help="run the accuracy runs compiled (each child compiles its own graphs)")
+    ap.add_argument("--concurrency-factor", type=float, default=0.8)
     ap.add_argument("--speed-epochs", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backbone", default="preact_resnet18")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tables", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)

@@ -49,7 +49,13 @@ def main():
     # profile net 1's steps of the next epoch, capped at --steps batches
     epoch = 1
     split = trainer._split_batches
-    trainer._split_batches = lambda e, a, is_p: split(e, a, is_p)[:args.steps]
+    taken = []
+
+    def capped(e, a, is_p):  # the epoch's batches, at most --steps of them (P may give fewer)
+        taken[:] = split(e, a, is_p)[:args.steps]
+        return list(taken)
+
+    trainer._split_batches = capped
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -62,10 +68,11 @@ def main():
     text = events.table(sort_by=sort, row_limit=40)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                          "cudaLaunchKernelExC"))
+    steps = max(len(taken), 1)
     head = (f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
             f"{len(table)} images, {args.backbone}, batch {args.batch_size}: "
-            f"{args.steps} steps in {wall:.3f} s = {1000 * wall / args.steps:.1f} ms/step, "
-            f"{launches / args.steps:.0f} kernel launches/step\n")
+            f"{steps} steps in {wall:.3f} s = {1000 * wall / steps:.1f} ms/step (profiler on), "
+            f"{launches / steps:.0f} kernel launches/step\n")
     print(head + text, flush=True)
     (out / "profile.txt").write_text(head + text)
     import gzip

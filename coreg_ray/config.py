@@ -15,6 +15,21 @@ import yaml
 from coreg_ray.errors import CoregError
 
 
+def load_yaml_mapping(path, what: str, expected: str = "a mapping") -> dict:
+    """Read a YAML file that must hold a mapping; one-line errors name the file (`what` says
+    which kind: "config file", "sweep file", ...). An empty file is an empty mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise CoregError(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CoregError(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise CoregError(f"{what} {p} must hold {expected}, got {type(data).__name__}")
+    return data
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "preact_resnet18"  # see coreg_ray.coreg.models.BACKBONES
@@ -44,6 +59,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True
+    # torch.compile the networks (Inductor fuses BatchNorm/ReLU around the convolutions). Costs
+    # a compile per batch shape/mode at the start; pays off on long GPU runs, not on CPU tests.
+    compile: bool = False
     eval_every: int = 1  # test-set evaluation every N epochs (and always at the end)
     checkpoint_every: int = 1
 
@@ -118,17 +136,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
-        data = {}
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise CoregError(f"config file not found: {p}")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise CoregError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}")
-            if not isinstance(data, dict):
-                raise CoregError(f"config file {p} must hold a mapping of sections")
+        data = load_yaml_mapping(path, "config file", "a mapping of sections") if path else {}
         cfg = cls.from_dict(data)
         for item in overrides or []:
             if "=" not in item:

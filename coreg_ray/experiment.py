@@ -37,7 +37,8 @@ Experiment file (YAML)
     shots: [0]                          # few-shot grid (fewshot.shots; true labels per class)
     seeds: [0, 1]                       # train.seed and fewshot.seed of each run
     config: {model: {backbone: small_cnn}, train: {epochs: 20}}   # base Config (or a YAML path)
-    params: {pico: {...}}               # per-method hyper-parameters (baselines only)
+    params: {pico: {...}}               # per-method hyper-parameters; for a Co-Reg variant,
+                                        # dotted config keys applied after its preset
     resources: {num_cpus: 1, num_gpus: 0}   # per run (Ray task); memory: bytes (optional)
     parallel: null                      # at most N runs at once (null: as resources allow)
     labels: {coreg: Ours}               # row labels (default: from methods.describe)
@@ -70,6 +71,7 @@ from pathlib import Path
 
 import yaml
 
+from coreg_ray.config import load_yaml_mapping
 from coreg_ray.errors import CoregError
 
 TOP_KEYS = ("name", "description", "data", "settings", "methods", "shots", "seeds", "config",
@@ -355,13 +357,7 @@ class Experiment:
         where = "experiment"
         if isinstance(source, (str, os.PathLike)):
             p = Path(source)
-            if not p.is_file():
-                raise CoregError(f"experiment file not found: {p}")
-            try:
-                raw = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise CoregError(f"experiment file {p} is not valid YAML: "
-                                 f"{str(exc).splitlines()[0]}")
+            raw = load_yaml_mapping(p, "experiment file")
             base_dir, where, src = p.resolve().parent, str(p), str(p)
         elif isinstance(source, dict):
             raw, src = json.loads(json.dumps(source)), None  # a deep copy of plain data
@@ -383,7 +379,7 @@ class Experiment:
             cp = Path(config) if Path(config).is_file() else base_dir / config
             if not cp.is_file():
                 raise CoregError(f"{where}: config file not found: {config}")
-            config = yaml.safe_load(cp.read_text()) or {}
+            config = load_yaml_mapping(cp, "config file", "a mapping of sections")
         if not isinstance(config, dict):
             raise CoregError(f"{where}: config must be a mapping of sections or a YAML path")
 
@@ -472,9 +468,20 @@ class Experiment:
             if m in FEWSHOT and not p.get("model"):
                 raise CoregError(f"{where}: params.{m}.model is required (the annotator model "
                                  "to fine-tune)")
-            if p and (m in COREG_VARIANTS or m == "zero_shot"):
-                raise CoregError(f"{where}: params.{m}: set Co-Reg options as config keys "
-                                 "(config: {coreg: {...}}), not params")
+            if p and m == "zero_shot":
+                raise CoregError(f"{where}: params.zero_shot: zero-shot has no parameters")
+            if p and m in COREG_VARIANTS:
+                from coreg_ray.config import Config
+
+                probe = Config()
+                for key, value in p.items():
+                    if "." not in str(key):
+                        raise CoregError(f"{where}: params.{m}: Co-Reg variants take dotted "
+                                         f"config keys (e.g. coreg.lambda_u), got '{key}'")
+                    try:
+                        probe.set(str(key), value)
+                    except CoregError as exc:
+                        raise CoregError(f"{where}: params.{m}: {exc}") from None
             if strict and p:
                 from coreg_ray.baselines import METHODS
 

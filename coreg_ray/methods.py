@@ -10,6 +10,8 @@
   predictions, sharpened), MixMatch with lam' = max(lam, 1-lam), MSE on U ramped over 16 epochs,
   plus DivideMix's uniform-prior penalty; no prototypes, no contrastive term, no distribution
   alignment. lambda_u = 25 (DivideMix's CIFAR-10 value for 50 % noise).
+  A variant's switches override the shared config; change them per run with `params`, dotted
+  config keys applied last (`run_method("dividemix", ..., params={"coreg.lambda_u": 10})`).
 - the baselines of `coreg_ray.baselines.METHODS` (PLL losses, PiCO family, ALIM, KD).
 
 Each returns a dict with at least `method`, `test_accuracy`, `seconds`, `epochs`, `history`.
@@ -135,8 +137,6 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
     if name in FEWSHOT:
         return fewshot_method(name, cfg, train, test, params)
     if name in COREG_VARIANTS:
-        if params:
-            raise CoregError(f"{name}: set Co-Reg options as config keys (coreg.*), not params")
         cfg = Config.from_dict(cfg.to_dict())  # never mutate the caller's config
         overrides = COREG_VARIANTS[name][1]
         if overrides is None:  # warm-up only
@@ -145,6 +145,14 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
             for o in overrides:
                 key, value = o.split("=", 1)
                 cfg.set(key, yaml.safe_load(value))
+        # The variant's switches define it, so they override the shared config; a run changes
+        # them through its params, dotted config keys applied last
+        # (e.g. params: {dividemix: {coreg.lambda_u: 10}}).
+        for key, value in (params or {}).items():
+            if "." not in str(key):
+                raise CoregError(f"{name}: params are dotted config keys (e.g. coreg.lambda_u), "
+                                 f"got '{key}'")
+            cfg.set(str(key), value)
         ann = onehot_ensemble(annotations, cfg.train.seed) if name == "dividemix" else annotations
         trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
     elif name in METHODS:

@@ -109,7 +109,8 @@ def _smoke() -> dict:
     (lambda e: e.update(seeds=[0, "one"]), "seeds must be a non-empty list of integers"),
     (lambda e: e["config"]["train"].update(epochz=3), "train.epochz' does not exist"),
     (lambda e: e.update(params={"dividemix": {"x": 1}}), "'dividemix' is not in methods"),
-    (lambda e: e.update(params={"coreg": {"beta1": 1}}), "set Co-Reg options as config keys"),
+    (lambda e: e.update(params={"coreg": {"beta1": 1}}), "take dotted config keys"),
+    (lambda e: e.update(params={"coreg": {"coreg.beta9": 1}}), "params.coreg: config key 'coreg.beta9' does not exist"),
     (lambda e: e.update(resources={"gpus": 1}), "resources: keys are"),
     (lambda e: e.update(extra=1), "unknown key(s) extra"),
 ])

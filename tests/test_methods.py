@@ -86,3 +86,28 @@ def test_unknown_method_names_the_known_ones(digits):
     with pytest.raises(CoregError, match="unknown method 'picoo'.*coreg"):
         run_method("picoo", tiny_config(), train, None, test)
     assert "cc" in method_names() and describe("cc").startswith("CC")
+
+
+def test_variant_params_override_the_preset(digits, monkeypatch):
+    """The dividemix preset sets lambda_u 25; a run's params (dotted keys) apply after it."""
+    import coreg_ray.coreg.trainer as trainer_mod
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, cfg, **kw):
+            seen["cfg"] = cfg
+            self.history = []
+
+        def fit(self, *a, **kw):
+            return {"test_accuracy": None, "seconds": 0.0}
+
+    monkeypatch.setattr(trainer_mod, "CoReg", Capture)
+    train, test = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
+    run_method("dividemix", tiny_config(), train, ann, test)
+    assert seen["cfg"].coreg.lambda_u == 25 and seen["cfg"].coreg.prototypes is False
+    run_method("dividemix", tiny_config(), train, ann, test, params={"coreg.lambda_u": 10})
+    assert seen["cfg"].coreg.lambda_u == 10 and seen["cfg"].coreg.prototypes is False
+    with pytest.raises(CoregError, match="dotted config keys"):
+        run_method("dividemix", tiny_config(), train, ann, test, params={"lambda_u": 10})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from coreg_ray.config import Config
 from coreg_ray.coreg.models import build_model
-from coreg_ray.coreg.trainer import TrainingData, cosine_lr, prepare_training_data
+from coreg_ray.coreg.trainer import TrainingData, cosine_lr, make_sgd, prepare_training_data
 from coreg_ray.errors import CoregError
 
 
@@ -54,9 +54,7 @@ class Method:
         return net
 
     def new_sgd(self, net: torch.nn.Module) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        return torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum,
-                               weight_decay=t.weight_decay)
+        return make_sgd(net.parameters(), self.cfg.train, self.device)
 
     def scaled(self, fraction: float) -> int:
         """An epoch of the run at `fraction` of its length (for schedules given in epochs)."""
@@ -150,10 +148,10 @@ class BaselineTrainer:
             seed = (cfg.train.seed * 1_000_003 + epoch) * 1009
             data.aug.gen.manual_seed(seed)
             method.start_epoch(epoch)
+            method.train_mode()  # the previous epoch's test pass left the nets in eval mode
             batches = self._batches(epoch)
             totals: dict[str, torch.Tensor] = {}
             for step, idx in enumerate(batches):
-                method.train_mode()
                 for k, v in method.train_step(idx, epoch, step, len(batches)).items():
                     totals[k] = totals.get(k, 0) + v.detach().float()
             stats = {"phase": method.name}

@@ -60,6 +60,24 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def make_sgd(params, t, device: torch.device) -> torch.optim.SGD:
+    """The paper's SGD (torch's multi-tensor implementation on CUDA). Not `fused=True`: in
+    torch 2.11 the fused kernel fails on parameters without a gradient in a step (the projector
+    during warm-up)."""
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def compile_nets(nets) -> None:
+    """`Module.compile()` in place: state_dict keys stay the same (checkpoints are unchanged).
+    The step calls the nets in a few (batch size, train/eval, grad/no-grad) combinations, each a
+    graph; raise dynamo's per-function cache so none of them falls back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for net in nets:
+        net.compile()
+
+
 @dataclass
 class TrainingData:
     """Everything a trainer needs from the tables, already on the training device."""
@@ -192,9 +210,10 @@ class CoReg:
         torch.manual_seed(cfg.train.seed)
         self.raw_nets = [self._new_net() for _ in range(2)]
         self.key_nets = [copy.deepcopy(n).requires_grad_(False) for n in self.raw_nets]
+        if cfg.train.compile:
+            compile_nets(self.raw_nets + self.key_nets)
         self.nets = [self.comm.wrap(n) for n in self.raw_nets]
-        self.opts = [torch.optim.SGD(n.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                     weight_decay=cfg.train.weight_decay) for n in self.raw_nets]
+        self.opts = [make_sgd(n.parameters(), cfg.train, dev) for n in self.raw_nets]
         self.prototypes = torch.zeros(self.num_classes, cfg.model.proj_dim, device=dev)
         self.queues = [MoCoQueue.empty(cfg.coreg.queue_size, cfg.model.proj_dim, dev)
                        for _ in range(2)]

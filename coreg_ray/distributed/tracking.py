@@ -25,6 +25,16 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+def _global_uri() -> str | None:
+    """The URI set by `mlflow.set_tracking_uri` in this process (None if none was set). MLflow
+    keeps it in a private module variable; read it defensively."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+        return getattr(utils, "_tracking_uri", None)
+    except ImportError:  # pragma: no cover - layout changed: fall back to not restoring
+        return None
+
+
 class MLflowRun:
     """Context manager around one MLflow run; `epoch_callback` plugs into `CoReg(callbacks=...)`."""
 
@@ -42,6 +52,10 @@ class MLflowRun:
         import logging
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # set_tracking_uri is process-global and also writes MLFLOW_TRACKING_URI into the
+        # environment: remember both and put them back on exit, so a run never redirects the
+        # caller's later mlflow calls (or subprocesses) to its store.
+        self._saved = (_global_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
         self.mlflow.set_tracking_uri(self.uri)
         self.mlflow.set_experiment(self.cfg.tracking.experiment)
         kwargs = {"run_name": self.run_name, "tags": self.tags}
@@ -54,7 +68,15 @@ class MLflowRun:
 
     def __exit__(self, exc_type, exc, tb):
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
-        self.mlflow.end_run(status=status)
+        try:
+            self.mlflow.end_run(status=status)
+        finally:
+            uri, env = self._saved
+            self.mlflow.set_tracking_uri(uri)  # None: unset (it clears the variable too)
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
         return False
 
     @property

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from coreg_ray.config import load_yaml_mapping
 from coreg_ray.errors import CoregError, require
 
 SEARCHABLE = ("train.warmup_epochs", "coreg.beta1", "coreg.beta2", "coreg.sharpen_T",
@@ -78,14 +79,7 @@ class Sweep:
     @classmethod
     def load(cls, path, overrides=()) -> "Sweep":
         p = Path(path)
-        if not p.is_file():
-            raise CoregError(f"sweep file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CoregError(f"sweep file {p} is not valid YAML: {str(exc).splitlines()[0]}")
-        if not isinstance(raw, dict):
-            raise CoregError(f"sweep file {p}: must be a mapping")
+        raw = load_yaml_mapping(p, "sweep file")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -99,7 +93,7 @@ class Sweep:
             bp = Path(base) if Path(base).is_file() else p.parent / base
             if not bp.is_file():
                 raise CoregError(f"sweep file {p}: base config not found: {base}")
-            base = yaml.safe_load(bp.read_text()) or {}
+            base = load_yaml_mapping(bp, "base config", "a mapping of sections")
         raw["base"] = base
         sweep = cls(**raw)
         sweep.overrides = list(overrides)
