@@ -32,14 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_common import (decode_tables, load_annotations, run_children,  # noqa: E402
+                                   short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.coreg.trainer import CoReg  # noqa: E402
-from coreg_ray.data import load_image_table, read_annotations  # noqa: E402
 
-RUNS = {
+RUNS = {  # applied after short_run_overrides(E, W)
     "warmup-only": lambda e, w: [f"train.warmup_epochs={e}"],
-    "coreg-paper-split": lambda e, w: [f"train.warmup_epochs={w}", "coreg.class_balanced_split=false"],
-    "coreg-balanced-split": lambda e, w: [f"train.warmup_epochs={w}", "coreg.class_balanced_split=true"],
+    "coreg-paper-split": lambda e, w: ["coreg.class_balanced_split=false"],
+    "coreg-balanced-split": lambda e, w: ["coreg.class_balanced_split=true"],
 }
 
 
@@ -47,21 +48,6 @@ def base_overrides(args, seed: int) -> list[str]:
     return [f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
             f"train.warmup_batch_size={2 * args.batch_size}", "tracking.mlflow=false",
             f"train.seed={seed}"]
-
-
-def short_run_overrides(epochs: int, warmup: int) -> list[str]:
-    """The paper's delays are sized for 750 post-warm-up epochs; scale them to a short run."""
-    post = max(epochs - warmup, 1)
-    return [f"train.epochs={epochs}", f"coreg.feature_delay={max(1, post // 10)}",
-            f"coreg.rampup_epochs={min(16, max(2, post // 4))}"]
-
-
-def load_annotations(path, train):
-    """Annotations restricted to the (possibly --limit'ed) image table's ids."""
-    import numpy as np
-
-    ann = read_annotations(path, train.num_classes)
-    return ann.subset(np.flatnonzero(np.isin(ann.ids, train.ids))).align_to(train.ids, path)
 
 
 def emit(path: Path, record: dict) -> None:
@@ -144,12 +130,8 @@ def driver(args) -> None:
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "python": sys.version.split()[0]}
     print(json.dumps(env), flush=True)
-    t0 = time.perf_counter()
-    train = load_image_table(f"{args.data}/train.parquet", limit=args.limit)
-    test = load_image_table(f"{args.data}/test.parquet", limit=args.limit)
-    decode_s = time.perf_counter() - t0
     tables = "/tmp/coreg-cifar-tables.pt"
-    torch.save({"train": train, "test": test}, tables)
+    train, test, decode_s = decode_tables(args.data, args.limit, tables)
     ann = load_annotations(args.ann, train)
     summary = {"env": env, "train_images": len(train), "test_images": len(test),
                "decode_seconds": round(decode_s, 2), "backbone": args.backbone,
@@ -199,8 +181,7 @@ def driver(args) -> None:
     print(json.dumps(summary["plan"]), flush=True)
     save()
 
-    procs = {}
-    logs = open(out / "logs.txt", "w")
+    cmds = {}
     for seed in args.seeds:
         for name in args.runs:
             run = f"{name}-seed{seed}"
@@ -209,21 +190,15 @@ def driver(args) -> None:
                    "--batch-size", str(args.batch_size), "--seeds", str(seed)]
             for s in short_run_overrides(e, w) + RUNS[name](e, w) + [f"train.compile={use_compile}"]:
                 cmd += ["--set", s]
-            procs[run] = subprocess.Popen(cmd, stdout=logs, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = t_start + args.budget
-    while any(p.poll() is None for p in procs.values()) and time.perf_counter() < deadline:
-        time.sleep(2)
-    for run, p in procs.items():
-        if p.poll() is None:
-            p.kill()
-            print(f"{run}: stopped at the budget", flush=True)
+            cmds[run] = cmd
+    with open(out / "logs.txt", "w") as log:
+        procs = run_children(cmds, t_start + args.budget, log, t_start=t_start)
     results = {}
     for run in procs:
         path = out / f"{run}.jsonl"
         lines = [json.loads(x) for x in open(path)] if path.exists() else []
         epochs = [x for x in lines if "epoch" in x]
-        results[run] = {"epochs_done": len(epochs), "returncode": procs[run].returncode,
+        results[run] = {"epochs_done": len(epochs), "returncode": procs.get(run, {}).get("returncode"),
                         "final_test_accuracy": next((x["final_test_accuracy"] for x in lines
                                                     if "final_test_accuracy" in x), None),
                         "last_test_accuracy": epochs[-1].get("test_accuracy") if epochs else None,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_common import (decode_tables, restrict, run_children,  # noqa: E402
+                                   short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
-from coreg_ray.data import load_image_table, read_annotations, synthetic_annotations  # noqa: E402
+from coreg_ray.data import read_annotations, synthetic_annotations  # noqa: E402
 from coreg_ray.methods import run_method  # noqa: E402
 
 METHODS = ["zero_shot", "kd_unsup", "cc", "proden", "rc", "lws", "cr_dpll", "pico", "pico_plus",
@@ -36,20 +36,10 @@ RUN_DIR = Path("/tmp/coreg-gpu-table")
 
 
 def config_for(args, warmup: int) -> Config:
-    post = max(args.epochs - warmup, 1)
     return Config.load(overrides=[
         f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
-        f"train.warmup_batch_size={2 * args.batch_size}", f"train.epochs={args.epochs}",
-        f"train.warmup_epochs={warmup}", f"train.seed={args.seed}", "tracking.mlflow=false",
-        # the paper's delays are sized for 750 post-warm-up epochs; scaled to this run
-        f"coreg.feature_delay={max(1, post // 10)}", f"coreg.rampup_epochs={min(16, max(2, post // 4))}"])
-
-
-def restrict(ann, table, source):
-    """Rows of `ann` for the table's ids (the table may be --limit'ed), in its order."""
-    import numpy as np
-
-    return ann.subset(np.flatnonzero(np.isin(ann.ids, table.ids))).align_to(table.ids, source)
+        f"train.warmup_batch_size={2 * args.batch_size}", f"train.seed={args.seed}",
+        "tracking.mlflow=false"] + short_run_overrides(args.epochs, warmup))
 
 
 def annotations_for(setting: str, args, train, test):
@@ -81,17 +71,19 @@ def child(args) -> None:
 
 def gather(args, started: dict) -> list[dict]:
     rows = []
-    for (setting, method), info in started.items():
+    for key, info in started.items():
+        setting, method = key.split("/", 1)
         final = RUN_DIR / f"{setting}.{method}.json"
         curve = RUN_DIR / f"{setting}.{method}.jsonl"
         hist = [json.loads(x) for x in open(curve)] if curve.exists() else []
         row = {"setting": setting, "method": method, "seed": args.seed, "epochs": args.epochs,
-               "returncode": info["proc"].returncode, "wall_seconds": info.get("wall")}
+               "returncode": info["returncode"], "wall_seconds": info["wall"]}
         if final.exists():
             row.update(json.loads(final.read_text()))
             row["status"] = "ok"
         else:
-            row["status"] = "stopped" if info["proc"].returncode is None or info["proc"].returncode < 0 else "failed"
+            rc = info["returncode"]
+            row["status"] = "stopped" if rc is None or rc < 0 else "failed"
             row["epochs_done"] = len(hist)
             row["last_test_accuracy"] = hist[-1].get("test_accuracy") if hist else None
         row["curve"] = [h.get("test_accuracy") for h in hist]
@@ -109,41 +101,19 @@ def driver(args) -> None:
     env = {"torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     print(json.dumps(env), flush=True)
-    train = load_image_table(f"{args.data}/train.parquet", limit=args.limit)
-    test = load_image_table(f"{args.data}/test.parquet", limit=args.limit)
     tables = "/tmp/coreg-table-tables.pt"
-    torch.save({"train": train, "test": test}, tables)
+    train, test, _ = decode_tables(args.data, args.limit, tables)
     jobs = [(s, m) for s in args.settings for m in args.methods
             if not (m == "zero_shot" and s != "sim")]
     # longest first, so the slow Co-Reg runs are not the last to start
     order = {"coreg": 0, "dividemix": 1, "warmup_only": 2, "cr_dpll": 3, "pico_plus": 4}
     jobs.sort(key=lambda j: order.get(j[1], 10))
-    started: dict = {}
-    pending = list(jobs)
-    deadline = t_start + args.budget
-    logs = open(out / "logs.txt", "w")
-    while (pending or any(i["proc"].poll() is None for i in started.values())) and time.perf_counter() < deadline:
-        running = sum(i["proc"].poll() is None for i in started.values())
-        while pending and running < args.parallel:
-            setting, method = pending.pop(0)
-            cmd = [sys.executable, __file__, "--child", "--setting", setting, "--method", method,
-                   "--tables", tables] + args.passthrough
-            started[(setting, method)] = {"proc": subprocess.Popen(
-                cmd, stdout=logs, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}),
-                "t0": time.perf_counter()}
-            running += 1
-        for key, info in started.items():
-            if info["proc"].poll() is not None and "wall" not in info:
-                info["wall"] = round(time.perf_counter() - info["t0"], 1)
-                print(f"{key[0]} {key[1]}: rc={info['proc'].returncode} {info['wall']} s "
-                      f"(t={time.perf_counter() - t_start:.0f} s)", flush=True)
-        time.sleep(1)
-    for key, info in started.items():
-        if info["proc"].poll() is None:
-            info["proc"].kill()
-            info["proc"].wait()
-            print(f"{key[0]} {key[1]}: stopped at the budget", flush=True)
+    cmds = {f"{s}/{m}": [sys.executable, __file__, "--child", "--setting", s, "--method", m,
+                         "--tables", tables] + args.passthrough for s, m in jobs}
+    with open(out / "logs.txt", "w") as log:
+        started = run_children(cmds, t_start + args.budget, log, args.parallel,
+                               env={"OMP_NUM_THREADS": "2"}, t_start=t_start)
+    pending = [k.split("/", 1) for k in cmds if k not in started]
     rows = gather(args, started)
     rows += [{"setting": s, "method": m, "status": "not started"} for s, m in pending]
     with open(out / "results.jsonl", "w") as f:
