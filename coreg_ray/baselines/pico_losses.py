@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coreg_ray.coreg.losses import key_layout
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the rows where `mask` is True; 0 for an empty mask (no host sync)."""
@@ -62,17 +64,6 @@ def prototype_scores(z: torch.Tensor, prototypes: torch.Tensor, temperature: flo
 
 
 # ----------------------------------------------------------------- contrastive
-def _layout(labels: torch.Tensor, queue_labels: torch.Tensor):
-    b, dev = labels.shape[0], labels.device
-    key_labels = torch.cat([labels, labels, queue_labels])
-    valid = torch.cat([torch.ones(2 * b, dtype=torch.bool, device=dev), queue_labels >= 0])
-    eye = torch.eye(b, dtype=torch.bool, device=dev)
-    zq = torch.zeros(b, queue_labels.shape[0], dtype=torch.bool, device=dev)
-    self_ = torch.cat([eye, torch.zeros_like(eye), zq], 1)
-    own = torch.cat([torch.zeros_like(eye), eye, zq], 1)
-    return key_labels, valid, self_, own
-
-
 def pico_contrastive_masks(labels: torch.Tensor, queue_labels: torch.Tensor,
                            supervised: bool = True):
     """Positive and denominator masks [B, 2B+Q] of PiCO's contrastive loss.
@@ -81,7 +72,7 @@ def pico_contrastive_masks(labels: torch.Tensor, queue_labels: torch.Tensor,
     pseudo-label (its own key included), denominator = every valid key but the anchor itself.
     Otherwise (PiCO's warm-up): MoCo, positive = own key, denominator = own key + queue."""
     b = labels.shape[0]
-    key_labels, valid, self_, own = _layout(labels, queue_labels)
+    key_labels, valid, self_, own = key_layout(labels, queue_labels)
     if supervised:
         kept = valid[None, :] & ~self_
         pos = (labels[:, None] == key_labels[None, :]) & kept
@@ -98,7 +89,7 @@ def pico_plus_masks(labels, is_rel, queue_labels, queue_rel, knn_index=None):
     (row- and column-wise removal of unreliable samples). An unreliable anchor's positives:
     its own key only, or, once kNN starts (`knn_index` [B, k] column indices), its k nearest
     keys. Every anchor's own key is positive. Denominator: every valid key but the anchor."""
-    key_labels, valid, self_, own = _layout(labels, queue_labels)
+    key_labels, valid, self_, own = key_layout(labels, queue_labels)
     key_rel = torch.cat([is_rel, is_rel, queue_rel])
     kept = valid[None, :] & ~self_
     pos = (labels[:, None] == key_labels[None, :]) & kept & is_rel[:, None] & key_rel[None, :]

@@ -80,6 +80,20 @@ def prototype_alignment_loss(z, prototypes, targets, is_p, temperature: float, u
     return _masked_mean(kl, is_p) + u_weight * _masked_mean(squared_error(s, targets), ~is_p)
 
 
+def key_layout(anchor_labels: torch.Tensor, queue_labels: torch.Tensor):
+    """The MoCo/PiCO key layout `[queries (B) ; own second views (B) ; queue (Q)]`: each key's
+    label, which keys exist (queue slots labelled -1 are empty), and the [B, 2B+Q] masks of each
+    anchor's own column (`self_`, never used) and its own second view (`own`)."""
+    b, dev = anchor_labels.shape[0], anchor_labels.device
+    key_labels = torch.cat([anchor_labels, anchor_labels, queue_labels])
+    valid = torch.cat([torch.ones(2 * b, dtype=torch.bool, device=dev), queue_labels >= 0])
+    eye = torch.eye(b, dtype=torch.bool, device=dev)
+    zeros_q = torch.zeros(b, queue_labels.shape[0], dtype=torch.bool, device=dev)
+    self_ = torch.cat([eye, torch.zeros_like(eye), zeros_q], 1)
+    own = torch.cat([torch.zeros_like(eye), eye, zeros_q], 1)
+    return key_labels, valid, self_, own
+
+
 def contrastive_masks(anchor_labels, anchor_is_p, queue_labels, queue_is_p, noisy: bool = True):
     """Positive and kept-in-denominator masks [B, 2B+Q] for `noisy_contrastive_loss`.
 
@@ -91,15 +105,8 @@ def contrastive_masks(anchor_labels, anchor_is_p, queue_labels, queue_is_p, nois
     dropped. Different-label keys are negatives. Plain SupCon (noisy=False): every same-label key
     is a positive.
     """
-    b = anchor_labels.shape[0]
-    dev = anchor_labels.device
-    key_labels = torch.cat([anchor_labels, anchor_labels, queue_labels])
+    key_labels, valid, self_, own = key_layout(anchor_labels, queue_labels)
     key_is_p = torch.cat([anchor_is_p, anchor_is_p, queue_is_p])
-    valid = torch.cat([torch.ones(2 * b, dtype=torch.bool, device=dev), queue_labels >= 0])
-    eye = torch.eye(b, dtype=torch.bool, device=dev)
-    zeros_q = torch.zeros(b, queue_labels.shape[0], dtype=torch.bool, device=dev)
-    self_ = torch.cat([eye, torch.zeros_like(eye), zeros_q], 1)
-    own = torch.cat([torch.zeros_like(eye), eye, zeros_q], 1)
     same = (anchor_labels[:, None] == key_labels[None, :]) & valid[None, :] & ~self_
     kept = valid[None, :] & ~self_
     if not noisy:
