@@ -88,8 +88,8 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     """The `train` command as a function (used by the CLI, quickstart, jobs and Tune)."""
     from coreg_ray.config import Config
     from coreg_ray.coreg.trainer import CHECKPOINT, CoReg
-    from coreg_ray.data import annotation_stats, load_image_table, read_annotations
-    from coreg_ray.data.annotations import AnnotationTable, ensemble_prediction
+    from coreg_ray.data import annotation_stats, load_run_inputs
+    from coreg_ray.data.annotations import ensemble_prediction
 
     out = Path(output)
     cfg_path = out / "config.yaml"
@@ -100,12 +100,8 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
         cfg.tracking.run_name = run_name
     if not mlflow:
         cfg.tracking.mlflow = False
-    size = image_size or cfg.data.image_size
-    train = images if not isinstance(images, (str, Path)) else load_image_table(images, size, limit)
-    test = test_images if not isinstance(test_images, (str, Path)) else load_image_table(test_images, size)
-    ann = annotations if isinstance(annotations, AnnotationTable) else \
-        read_annotations(annotations, train.num_classes)
-    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path)) else "annotations")
+    train, test, ann = load_run_inputs(images, annotations, test_images,
+                                       image_size or cfg.data.image_size, limit)
     stats = annotation_stats(ann, train.labels)
     out.mkdir(parents=True, exist_ok=True)
     if not (resume and (out / CHECKPOINT).exists()):

@@ -760,7 +760,6 @@ class _Tracker:
 
     def __init__(self, exp: Experiment, cfg, out: Path, resume: bool, log):
         from coreg_ray.distributed.tracking import tracking_uri
-        from coreg_ray.distributed.train import absolute_tracking_uri
         from coreg_ray.errors import require
 
         require("mlflow", "mlflow")
@@ -770,7 +769,7 @@ class _Tracker:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.log, self.warned = log, False
-        self.uri = absolute_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
+        self.uri = tracking_uri(cfg.tracking.tracking_uri)
         self.client = MlflowClient(self.uri)
         exp_obj = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.exp_id = exp_obj.experiment_id if exp_obj else \

@@ -11,8 +11,10 @@ mlflow = pytest.importorskip("mlflow")
 
 def test_mlflow_run_restores_the_tracking_uri_and_env(tmp_path, monkeypatch):
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    # nothing set in-process (an earlier test may have set it; unsetting also clears the
+    # variable, so set the variable after), the env variable decides
+    mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
-    mlflow.set_tracking_uri(None)  # nothing set in-process: the env variable decides
     cfg = Config.load(overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'run.db'}"])
     with pytest.raises(RuntimeError):
         with MLflowRun(cfg, run_name="fails") as run:

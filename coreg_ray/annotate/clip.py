@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from coreg_ray.annotate import logic
-from coreg_ray.annotate.imageio import decode_batch_bytes, decode_image, prepare_image  # noqa: F401
+from coreg_ray.annotate.imageio import (annotator_batch, decode_batch_bytes, decode_image,  # noqa: F401
+                                      prepare_image)
 from coreg_ray.annotate.templates import build_prompts, resolve_classes, resolve_templates
 from coreg_ray.errors import CoregError, require
 
@@ -451,24 +452,8 @@ class ClipAnnotator:
         return logic.annotate_probs(probs, self.candidate_mode)
 
     def __call__(self, batch: dict) -> dict:
-        ids = np.asarray(batch["id"], dtype=np.int64)
-        n = len(ids)
-        errors = batch.get("error")
-        errors = np.full(n, "", dtype=object) if errors is None else \
-            np.asarray([("" if e is None else str(e)) for e in errors], dtype=object)
-        if "pixels" in batch:
-            pixels = batch["pixels"]
-        elif "image" in batch:
-            pixels, dec_err = decode_batch_bytes(batch["image"], ids, self.prep)
-            errors = np.where(errors == "", dec_err, errors).astype(object)
-        else:
-            raise CoregError("ClipAnnotator: the batch needs a 'pixels' or an 'image' column "
-                             f"(has: {', '.join(batch)})")
-        k, c = self.num_templates, self.num_classes
-        out = {"id": ids, "votes": np.full((n, k), -1, np.int64),
-               "candidates": np.zeros((n, c), bool), "probs": np.zeros((n, c), np.float32),
-               "error": errors}
-        ok = np.flatnonzero(errors == "")
+        pixels, out, ok = annotator_batch(batch, self.prep, "ClipAnnotator", self.num_templates,
+                                          self.num_classes)
         if len(ok):
             res = self.annotate_pixels(np.asarray(pixels)[ok])
             out["votes"][ok] = res["votes"]

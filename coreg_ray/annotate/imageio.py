@@ -87,3 +87,29 @@ def decode_udf(batch: dict, prep: dict, skip=None) -> dict:
         ids, blobs = ids[keep], np.asarray(blobs, dtype=object)[keep]
     pixels, errors = decode_batch_bytes(blobs, ids, prep)
     return {"id": ids, "pixels": pixels, "error": errors}
+
+
+def annotator_batch(batch: dict, prep: dict, who: str, num_templates: int, num_classes: int):
+    """What every annotator's `__call__` starts with: the batch's ids, its images as uint8
+    pixels (decoded here when the batch carries encoded `image` bytes), and the output columns
+    pre-filled for "no vote" — rows whose decode (or an earlier stage) failed keep them and their
+    `error`. Returns (pixels, out, ok): annotate `pixels[ok]` and write into `out` at `ok`."""
+    from coreg_ray.errors import CoregError
+
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    n = len(ids)
+    errors = batch.get("error")
+    errors = np.full(n, "", dtype=object) if errors is None else \
+        np.asarray([("" if e is None else str(e)) for e in errors], dtype=object)
+    if "pixels" in batch:
+        pixels = np.asarray(batch["pixels"])
+    elif "image" in batch:
+        pixels, dec_err = decode_batch_bytes(batch["image"], ids, prep)
+        errors = np.where(errors == "", dec_err, errors).astype(object)
+    else:
+        raise CoregError(f"{who}: the batch needs a 'pixels' or an 'image' column "
+                         f"(has: {', '.join(batch)})")
+    out = {"id": ids, "votes": np.full((n, num_templates), -1, np.int64),
+           "candidates": np.zeros((n, num_classes), bool),
+           "probs": np.zeros((n, num_classes), np.float32), "error": errors}
+    return pixels, out, np.flatnonzero(errors == "")

@@ -767,27 +767,12 @@ class LlavaAnnotator:
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        from coreg_ray.annotate.imageio import decode_batch_bytes
+        from coreg_ray.annotate.imageio import annotator_batch
 
-        ids = np.asarray(batch["id"], dtype=np.int64)
-        n = len(ids)
-        errors = batch.get("error")
-        errors = np.full(n, "", dtype=object) if errors is None else \
-            np.asarray([("" if e is None else str(e)) for e in errors], dtype=object)
-        if "pixels" in batch:
-            pixels = np.asarray(batch["pixels"])
-        elif "image" in batch:
-            pixels, dec_err = decode_batch_bytes(batch["image"], ids, self.prep)
-            errors = np.where(errors == "", dec_err, errors).astype(object)
-        else:
-            raise CoregError("LlavaAnnotator: the batch needs a 'pixels' or an 'image' column "
-                             f"(has: {', '.join(batch)})")
-        k, c = self.num_templates, self.num_classes
-        out = {"id": ids, "votes": np.full((n, k), -1, np.int64),
-               "candidates": np.zeros((n, c), bool), "probs": np.zeros((n, c), np.float32),
-               "error": errors}
+        k = self.num_templates
+        pixels, out, ok = annotator_batch(batch, self.prep, "LlavaAnnotator", k, self.num_classes)
+        n = len(out["id"])
         answers = np.full((n, k), "", dtype=object)
-        ok = np.flatnonzero(errors == "")
         if len(ok):
             res = self.annotate_images([Image.fromarray(pixels[i]) for i in ok])
             out["votes"][ok] = res["votes"]

@@ -56,15 +56,6 @@ class FailOnce:
 
 
 # ---------------------------------------------------------------------------- helpers
-def absolute_tracking_uri(uri: str) -> str:
-    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`, so processes with another cwd (Ray
-    workers, Tune trials) write to the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
 def numeric(stats: dict) -> dict:
     import math
 
@@ -93,7 +84,7 @@ def _mlflow_run(cfg, storage: str, name: str, out: Path, run_name: str | None, w
     from coreg_ray.distributed.tracking import tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri = absolute_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
+    uri = tracking_uri(cfg.tracking.tracking_uri)  # absolute: workers have another cwd
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
@@ -231,8 +222,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     """
     from coreg_ray.config import Config
     from coreg_ray.coreg.trainer import CHECKPOINT
-    from coreg_ray.data import annotation_stats, load_image_table, read_annotations
-    from coreg_ray.data.annotations import AnnotationTable
+    from coreg_ray.data import annotation_stats, load_run_inputs
 
     if workers < 1:
         raise CoregError(f"--workers must be >= 1, got {workers}")
@@ -247,12 +237,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
                          f"({cfg.train.epochs})")
-    size = image_size or cfg.data.image_size
-    train = images if not isinstance(images, (str, Path)) else load_image_table(images, size, limit)
-    test = test_images if not isinstance(test_images, (str, Path)) else load_image_table(test_images, size)
-    ann = annotations if isinstance(annotations, AnnotationTable) else \
-        read_annotations(annotations, train.num_classes)
-    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path)) else "annotations")
+    train, test, ann = load_run_inputs(images, annotations, test_images,
+                                       image_size or cfg.data.image_size, limit)
     if test is not None and test.labels is None:
         raise CoregError("test table has no labels: nothing to measure accuracy against")
     stats = annotation_stats(ann, train.labels)

@@ -360,7 +360,7 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     log(f"sweep: {sweep.num_samples} trials, {len(train) - len(held)} train / {len(held)} held-out "
         f"images, metric {sweep.metric} ({sweep.mode}), {base_cfg.train.epochs} epochs each")
 
-    from coreg_ray.distributed.train import absolute_tracking_uri, ensure_ray
+    from coreg_ray.distributed.train import ensure_ray
 
     ray = ensure_ray(ray_address)
     from ray import tune
@@ -390,7 +390,7 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
         from coreg_ray.distributed.tracking import tracking_uri
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        client = MlflowClient(absolute_tracking_uri(tracking_uri(base_cfg.tracking.tracking_uri)))
+        client = MlflowClient(tracking_uri(base_cfg.tracking.tracking_uri))
         exp = client.get_experiment_by_name(base_cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(base_cfg.tracking.experiment)
         parent = client.create_run(exp_id, run_name=name, tags={"coreg.sweep": "true",
