@@ -726,8 +726,16 @@ def execute_run(run: dict, train, test, annotations, test_annotations) -> dict:
             torch.set_num_threads(max(1, int(cpus)))
         out["device"] = device_name(run["config"]["train"]["device"])
         cfg = Config.from_dict(run["config"])
+        label = f"{run['method']} · {run['setting']} · seed {run['seed']}"
+
+        def progress(epoch, stats, trainer):  # one line per test pass: long runs show life
+            if "test_accuracy" in stats:
+                print(f"  {label}: epoch {epoch + 1}/{cfg.train.epochs}, test "
+                      f"{100 * stats['test_accuracy']:.1f}% "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
         res = run_method(run["method"], cfg, train, annotations, test, test_annotations,
-                         params=run["params"] or None)
+                         params=run["params"] or None, callbacks=[progress])
         out.update({k: _plain(v) for k, v in res.items()})
         if out.get("test_accuracy") is None:
             raise CoregError("the method reported no test accuracy")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from coreg_ray.config import Config
 from coreg_ray.coreg.models import build_model
-from coreg_ray.coreg.trainer import TrainingData, cosine_lr, make_sgd, prepare_training_data
+from coreg_ray.coreg.trainer import (TrainingData, cosine_lr, make_sgd, prepare_training_data,
+                                     set_lr)
 from coreg_ray.errors import CoregError
 
 
@@ -142,9 +143,7 @@ class BaselineTrainer:
         for epoch in range(cfg.train.epochs):
             t0 = time.perf_counter()
             lr = cosine_lr(epoch, cfg.train.epochs, cfg.train.lr, cfg.train.lr_min)
-            for opt in method.opts:
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
+            set_lr(method.opts, lr)
             seed = (cfg.train.seed * 1_000_003 + epoch) * 1009
             data.aug.gen.manual_seed(seed)
             method.start_epoch(epoch)

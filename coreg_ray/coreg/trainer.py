@@ -60,6 +60,13 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def set_lr(opts, lr: float) -> None:
+    """The epoch's learning rate on every group (times the group's `lr_scale`, if it has one)."""
+    for opt in opts:
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
 def make_sgd(params, t, device: torch.device) -> torch.optim.SGD:
     """The paper's SGD (torch's multi-tensor implementation on CUDA). Not `fused=True`: in
     torch 2.11 the fused kernel fails on parameters without a gradient in a step (the projector
@@ -261,9 +268,7 @@ class CoReg:
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             lr = cosine_lr(epoch, cfg.train.epochs, cfg.train.lr, cfg.train.lr_min)
-            for opt in self.opts:
-                for g in opt.param_groups:
-                    g["lr"] = lr
+            set_lr(self.opts, lr)
             if epoch < cfg.train.warmup_epochs:
                 stats = self.warmup_epoch(epoch)
             else:
