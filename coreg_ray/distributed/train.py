@@ -237,8 +237,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
                          f"({cfg.train.epochs})")
-    train, test, ann = load_run_inputs(images, annotations, test_images,
-                                       image_size or cfg.data.image_size, limit)
+    size = image_size or cfg.data.image_size
+    train, test, ann = load_run_inputs(images, annotations, test_images, size, limit)
     if test is not None and test.labels is None:
         raise CoregError("test table has no labels: nothing to measure accuracy against")
     stats = annotation_stats(ann, train.labels)
