@@ -59,8 +59,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True
-    # torch.compile the networks (Inductor fuses BatchNorm/ReLU around the convolutions). Costs
-    # a compile per batch shape/mode at the start; pays off on long GPU runs, not on CPU tests.
+    # torch.compile the networks (Inductor). Costs ~1 min of compiling at the start. Measured:
+    # PreAct ResNet-18 on an H200 within the run-to-run spread of eager (benchmarks/gpu_h200.md);
+    # small_cnn on this CPU ~1.8x faster per epoch.
     compile: bool = False
     eval_every: int = 1  # test-set evaluation every N epochs (and always at the end)
     checkpoint_every: int = 1

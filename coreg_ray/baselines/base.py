@@ -55,7 +55,7 @@ class Method:
         return net
 
     def new_sgd(self, net: torch.nn.Module) -> torch.optim.Optimizer:
-        return make_sgd(net.parameters(), self.cfg.train, self.device)
+        return make_sgd(net.parameters(), self.cfg.train)
 
     def scaled(self, fraction: float) -> int:
         """An epoch of the run at `fraction` of its length (for schedules given in epochs)."""

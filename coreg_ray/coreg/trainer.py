@@ -67,7 +67,7 @@ def set_lr(opts, lr: float) -> None:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def make_sgd(params, t, device: torch.device) -> torch.optim.SGD:
+def make_sgd(params, t) -> torch.optim.SGD:
     """The paper's SGD (torch's multi-tensor implementation on CUDA). Not `fused=True`: in
     torch 2.11 the fused kernel fails on parameters without a gradient in a step (the projector
     during warm-up)."""
@@ -220,7 +220,7 @@ class CoReg:
         if cfg.train.compile:
             compile_nets(self.raw_nets + self.key_nets)
         self.nets = [self.comm.wrap(n) for n in self.raw_nets]
-        self.opts = [make_sgd(n.parameters(), cfg.train, dev) for n in self.raw_nets]
+        self.opts = [make_sgd(n.parameters(), cfg.train) for n in self.raw_nets]
         self.prototypes = torch.zeros(self.num_classes, cfg.model.proj_dim, device=dev)
         self.queues = [MoCoQueue.empty(cfg.coreg.queue_size, cfg.model.proj_dim, dev)
                        for _ in range(2)]
