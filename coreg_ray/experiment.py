@@ -472,16 +472,9 @@ class Experiment:
                 raise CoregError(f"{where}: params.zero_shot: zero-shot has no parameters")
             if p and m in COREG_VARIANTS:
                 from coreg_ray.config import Config
+                from coreg_ray.methods import apply_variant_params
 
-                probe = Config()
-                for key, value in p.items():
-                    if "." not in str(key):
-                        raise CoregError(f"{where}: params.{m}: Co-Reg variants take dotted "
-                                         f"config keys (e.g. coreg.lambda_u), got '{key}'")
-                    try:
-                        probe.set(str(key), value)
-                    except CoregError as exc:
-                        raise CoregError(f"{where}: params.{m}: {exc}") from None
+                apply_variant_params(Config(), p, f"{where}: params.{m}")  # fails on bad keys
             if strict and p:
                 from coreg_ray.baselines import METHODS
 

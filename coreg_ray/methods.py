@@ -49,6 +49,20 @@ FEWSHOT = {
 }
 
 
+def apply_variant_params(cfg: Config, params: dict | None, where: str) -> Config:
+    """A Co-Reg variant's params are dotted config keys, set on `cfg` (in place); errors name
+    `where` (the method, or the experiment's params entry)."""
+    for key, value in (params or {}).items():
+        if "." not in str(key):
+            raise CoregError(f"{where}: Co-Reg variants take dotted config keys "
+                             f"(e.g. coreg.lambda_u), got '{key}'")
+        try:
+            cfg.set(str(key), value)
+        except CoregError as exc:
+            raise CoregError(f"{where}: {exc}") from None
+    return cfg
+
+
 def method_names() -> list[str]:
     from coreg_ray.baselines import METHODS
     return ["zero_shot", *COREG_VARIANTS, *METHODS, *FEWSHOT]
@@ -146,13 +160,8 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
                 key, value = o.split("=", 1)
                 cfg.set(key, yaml.safe_load(value))
         # The variant's switches define it, so they override the shared config; a run changes
-        # them through its params, dotted config keys applied last
-        # (e.g. params: {dividemix: {coreg.lambda_u: 10}}).
-        for key, value in (params or {}).items():
-            if "." not in str(key):
-                raise CoregError(f"{name}: params are dotted config keys (e.g. coreg.lambda_u), "
-                                 f"got '{key}'")
-            cfg.set(str(key), value)
+        # them through its params, applied last (e.g. params: {dividemix: {coreg.lambda_u: 10}}).
+        apply_variant_params(cfg, params, name)
         ann = onehot_ensemble(annotations, cfg.train.seed) if name == "dividemix" else annotations
         trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
     elif name in METHODS:
