@@ -50,7 +50,8 @@ def cmd_simulate(args):
     from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table, write_annotations
 
     table = load_image_table(args.images, args.image_size, args.limit)
-    vlm = SimulatedVLM(args.templates, args.per_class, args.feature_fraction, args.seed)
+    vlm = SimulatedVLM(args.templates, args.per_class, args.feature_fraction, args.seed,
+                       args.features)
     vlm.fit(table.images, table.labels, table.num_classes)
     ann = vlm.annotate(table.images, table.ids)
     ann.meta["classes"] = table.classes
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", type=int, default=8)
     p.add_argument("--per-class", type=int, default=10, help="labelled images per template and class")
     p.add_argument("--feature-fraction", type=float, default=0.5)
+    p.add_argument("--features", choices=("pixels", "patches"), default="pixels",
+                   help="template inputs: coarse pixels (digits) or frozen label-free patch "
+                        "features (natural images such as CIFAR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.add_argument("--test-images", default=None, help="also annotate this table (same templates)")

@@ -80,7 +80,7 @@ DATA_KEYS = ("images", "test_images", "limit", "test_limit", "image_size")
 KINDS = ("synthetic", "simulated_vlm", "annotations")
 SETTING_KEYS = ("name", *KINDS, "test_annotations", "annotator", "data", "config")
 KIND_KEYS = {"synthetic": ("q", "eta", "seed"),
-             "simulated_vlm": ("templates", "per_class", "feature_fraction", "seed")}
+             "simulated_vlm": ("templates", "per_class", "feature_fraction", "seed", "features")}
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 SHOT_FREE = ("zero_shot",)  # methods whose result cannot depend on few-shot labels
 SHORT_LABELS = {"zero_shot": "Zero-shot (annotator, test)", "warmup_only": "Warm-up loss only",
@@ -321,7 +321,8 @@ class Setting:
                     f"seed {s.get('seed', 0)})")
         elif self.kind == "simulated_vlm":
             s = self.spec
-            text = (f"{s.get('templates', 8)} weak template classifiers on coarse pixels, "
+            on = "patch features" if s.get("features") == "patches" else "coarse pixels"
+            text = (f"{s.get('templates', 8)} weak template classifiers on {on}, "
                     f"{s.get('per_class', 10)} labelled images per class each")
         else:
             text = f"annotation table {self.spec}"
@@ -630,6 +631,9 @@ def _setting(s, i, data, where, resolve) -> Setting:
                 v = spec.get(k)
                 if v is not None and (not isinstance(v, int) or v < 1):
                     raise CoregError(f"{at}: simulated_vlm.{k} must be a positive integer, got {v!r}")
+            if spec.get("features", "pixels") not in ("pixels", "patches"):
+                raise CoregError(f"{at}: simulated_vlm.features must be pixels or patches, got "
+                                 f"{spec.get('features')!r}")
     config = s.get("config") or {}
     if not isinstance(config, dict):
         raise CoregError(f"{at}: config must be a mapping of sections")
@@ -668,7 +672,8 @@ def build_annotations(setting: Setting, train, test):
     elif setting.kind == "simulated_vlm":
         s = setting.spec
         vlm = SimulatedVLM(s.get("templates", 8), s.get("per_class", 10),
-                           s.get("feature_fraction", 0.5), s.get("seed", 0))
+                           s.get("feature_fraction", 0.5), s.get("seed", 0),
+                           s.get("features", "pixels"))
         vlm.fit(train.images, train.labels, c)
         ann, test_ann = vlm.annotate(train.images, train.ids), vlm.annotate(test.images, test.ids)
     else:

@@ -70,6 +70,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_simulate_annotator_with_patch_features(tmp_path, capsys):
+    from coreg_ray.data import read_annotations
+
+    assert run("simulate-annotator", "--images", "digits:train", "--features", "patches",
+               "--templates", "4", "--per-class", "5", "--test-images", "digits:test",
+               "--test-output", str(tmp_path / "t.parquet"), "--output", str(tmp_path / "a.parquet")) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    test_stats, stats = json.loads(lines[0])["test"], json.loads(lines[1])
+    assert stats["images"] == 1438 and test_stats["images"] == 359
+    assert test_stats["ensemble_accuracy"] > 0.5  # digits through the patch encoder
+    ann = read_annotations(tmp_path / "a.parquet", 10)
+    assert ann.meta["annotator"].endswith("features=patches") and ann.meta["simulated"]
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "coreg_ray.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout

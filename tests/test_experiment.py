@@ -105,6 +105,8 @@ def _smoke() -> dict:
     (lambda e: e["settings"].append({"name": "q=0.3, η=0.1", "synthetic": {"q": 0, "eta": 0}}),
      "duplicate name"),
     (lambda e: e["settings"][0].update(bogus=1), "unknown key(s) bogus"),
+    (lambda e: e["settings"].append({"name": "v", "simulated_vlm": {"features": "edges"}}),
+     "simulated_vlm.features must be pixels or patches"),
     (lambda e: e.update(settings=[]), "settings must be a non-empty list"),
     (lambda e: e.update(seeds=[0, "one"]), "seeds must be a non-empty list of integers"),
     (lambda e: e["config"]["train"].update(epochz=3), "train.epochz' does not exist"),

@@ -5,10 +5,13 @@
   uniformly from the non-candidates.
 - `simulate_vlm_annotator`: an offline STAND-IN for a VLM annotator. It is not a VLM. K weak
   "template" classifiers (multinomial logistic regression), each fitted on a small, different
-  random slice of the labelled images and on a different random subset of coarse pixel features,
-  vote on every image; the union of the K argmax votes is the candidate set and their mean
+  random slice of the labelled images and on a different random subset of the features, vote on
+  every image; the union of the K argmax votes is the candidate set and their mean
   probabilities are `probs`. Like prompt templates of one VLM, the templates share most of their
   knowledge and their mistakes depend on the image, so the noise is instance-dependent.
+  Features: `pixels` (coarse 8x8 pixels; enough for digits) or `patches` (a frozen,
+  label-free single-layer patch encoder, `coreg_ray.data.patches`: the analogue of a VLM's
+  frozen image encoder with linear read-outs; use it for natural images such as CIFAR).
 - `few_shot_indices` / `apply_few_shot`: k trusted true labels per class.
 """
 from __future__ import annotations
@@ -60,16 +63,42 @@ def coarse_features(images: torch.Tensor, side: int = 8) -> np.ndarray:
 class SimulatedVLM:
     """See module doc: K weak template classifiers standing in for a VLM's prompt templates."""
 
+    FEATURES = ("pixels", "patches")
+    # logistic-regression inverse regularisation per feature kind: 192 standardised pixels vs
+    # 1,024 patch codes (chosen on CIFAR-10 rows the student never sees; see
+    # benchmarks/accuracy_cifar_cpu.md)
+    C = {"pixels": 1.0, "patches": 0.01}
+
     def __init__(self, n_templates: int = 8, per_class: int = 10, feature_fraction: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, features: str = "pixels"):
+        if features not in self.FEATURES:
+            raise CoregError(f"simulated VLM: features must be one of {', '.join(self.FEATURES)}, "
+                             f"got {features!r}")
         self.n_templates, self.per_class = n_templates, per_class
-        self.feature_fraction, self.seed = feature_fraction, seed
+        self.feature_fraction, self.seed, self.features = feature_fraction, seed, features
         self.templates = []
+        self._last = None  # (images tensor, its features): fit then annotate the same images
 
     @property
     def spec(self) -> str:
         return (f"simulated-vlm:templates={self.n_templates},per_class={self.per_class},"
-                f"feature_fraction={self.feature_fraction},seed={self.seed}")
+                f"feature_fraction={self.feature_fraction},seed={self.seed},"
+                f"features={self.features}")
+
+    def _features(self, images: torch.Tensor, fit: bool = False) -> np.ndarray:
+        if self.features == "pixels":
+            return coarse_features(images)
+        if fit:
+            from coreg_ray.data.patches import PatchFeatures
+
+            self.encoder = PatchFeatures(seed=self.seed)
+            feats = self.encoder.fit_transform(images)
+        elif self._last is not None and self._last[0] is images:
+            feats = self._last[1]
+        else:
+            feats = self.encoder.transform(images)
+        self._last = (images, feats)
+        return feats
 
     def fit(self, images: torch.Tensor, labels: np.ndarray, num_classes: int) -> "SimulatedVLM":
         from sklearn.linear_model import LogisticRegression
@@ -79,7 +108,7 @@ class SimulatedVLM:
                              "stand-in fitted on a few labelled images per template)")
         labels = np.asarray(labels, np.int64)
         rng = np.random.default_rng(self.seed)
-        feats = coarse_features(images)
+        feats = self._features(images, fit=True)
         d = feats.shape[1]
         self.num_classes = num_classes
         by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
@@ -88,12 +117,13 @@ class SimulatedVLM:
             rows = np.concatenate([rng.choice(ix, min(self.per_class, len(ix)), replace=False)
                                    for ix in by_class if len(ix)])
             cols = rng.choice(d, max(1, int(round(self.feature_fraction * d))), replace=False)
-            clf = LogisticRegression(max_iter=300, C=1.0).fit(feats[rows][:, cols], labels[rows])
+            clf = LogisticRegression(max_iter=300, C=self.C[self.features]).fit(
+                feats[rows][:, cols], labels[rows])
             self.templates.append((cols, clf))
         return self
 
     def annotate(self, images: torch.Tensor, ids=None) -> AnnotationTable:
-        feats = coarse_features(images)
+        feats = self._features(images)
         n, k, c = len(feats), len(self.templates), self.num_classes
         votes = np.empty((n, k), np.int64)
         probs = np.zeros((n, c))
@@ -111,9 +141,11 @@ class SimulatedVLM:
 
 def simulate_vlm_annotator(images: torch.Tensor, labels: np.ndarray, num_classes: int,
                            ids=None, n_templates: int = 8, per_class: int = 10,
-                           feature_fraction: float = 0.5, seed: int = 0) -> AnnotationTable:
+                           feature_fraction: float = 0.5, seed: int = 0,
+                           features: str = "pixels") -> AnnotationTable:
     """Fit a `SimulatedVLM` on (images, labels) and annotate the same images."""
-    vlm = SimulatedVLM(n_templates, per_class, feature_fraction, seed).fit(images, labels, num_classes)
+    vlm = SimulatedVLM(n_templates, per_class, feature_fraction, seed, features).fit(
+        images, labels, num_classes)
     return vlm.annotate(images, ids)
 
 

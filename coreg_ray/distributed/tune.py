@@ -201,7 +201,8 @@ def load_sweep_data(sweep: Sweep, image_size=None):
     elif isinstance(spec, dict) and "simulate" in spec:
         s = spec["simulate"] or {}
         vlm = SimulatedVLM(s.get("templates", 6), s.get("per_class", 3),
-                           s.get("feature_fraction", 0.5), s.get("seed", 0))
+                           s.get("feature_fraction", 0.5), s.get("seed", 0),
+                           s.get("features", "pixels"))
         ann = vlm.fit(train.images, train.labels, train.num_classes).annotate(train.images, train.ids)
     elif isinstance(spec, (str, os.PathLike)):
         ann = read_annotations(spec, train.num_classes).align_to(train.ids, str(spec))
