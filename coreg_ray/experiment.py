@@ -26,7 +26,8 @@ Experiment file (YAML)
     settings:                           # table COLUMNS: annotation sources, exactly one kind each
       - {name: "q=0.3, η=0.3", synthetic: {q: 0.3, eta: 0.3, seed: 0}}
       - {name: simulated VLM, simulated_vlm: {templates: 8, per_class: 100,
-                                              feature_fraction: 0.5, seed: 0}}
+                                              feature_fraction: 0.5, seed: 0,
+                                              features: patches}}   # or pixels (default)
       - name: CLIP ViT-B/32             # real annotation tables (coreg-ray annotate)
         annotations: ann/cifar10-train.parquet
         test_annotations: ann/cifar10-test.parquet        # needed by zero_shot
