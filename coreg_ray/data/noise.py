@@ -65,8 +65,8 @@ class SimulatedVLM:
 
     FEATURES = ("pixels", "patches")
     # logistic-regression inverse regularisation per feature kind: 192 standardised pixels vs
-    # 1,024 patch codes (chosen on CIFAR-10 rows the student never sees; see
-    # benchmarks/accuracy_cifar_cpu.md)
+    # 1,024 patch codes, which need a stronger penalty with ~10 images per class (0.01 is the
+    # value of the CIFAR probes in benchmarks/accuracy_cifar_cpu.md; not tuned further)
     C = {"pixels": 1.0, "patches": 0.01}
 
     def __init__(self, n_templates: int = 8, per_class: int = 10, feature_fraction: float = 0.5,

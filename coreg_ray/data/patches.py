@@ -41,6 +41,11 @@ class PatchFeatures:
         return min(self.patch, side - 1)  # at least 2x2 positions per image
 
     def fit(self, images: torch.Tensor) -> "PatchFeatures":
+        self.fit_transform(images)
+        return self
+
+    def fit_transform(self, images: torch.Tensor) -> np.ndarray:
+        """Learn the encoder from `images` and return their standardised features."""
         from sklearn.cluster import MiniBatchKMeans
 
         x = images.float() / 255.0
@@ -66,13 +71,11 @@ class PatchFeatures:
         km = MiniBatchKMeans(k, random_state=self.seed, batch_size=4096, n_init=1).fit(white)
         d = torch.tensor(km.cluster_centers_, dtype=torch.float32)
         self.dictionary = d / d.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self._fit_codes = codes = self._encode(x)  # kept: fit_transform returns them
+        codes = self._encode(x)
         self.feat_mean, self.feat_std = codes.mean(0), codes.std(0) + 1e-3
-        return self
+        return self._standardise(codes)
 
-    def fit_transform(self, images: torch.Tensor) -> np.ndarray:
-        codes = self.fit(images)._fit_codes
-        del self._fit_codes
+    def _standardise(self, codes: torch.Tensor) -> np.ndarray:
         return ((codes - self.feat_mean) / self.feat_std).numpy().astype(np.float32)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,5 +102,4 @@ class PatchFeatures:
         """uint8 [N,3,H,W] -> standardised float32 [N, 4k]."""
         if not hasattr(self, "dictionary"):
             raise CoregError("patch features: call fit() before transform()")
-        codes = self._encode(images.float() / 255.0)
-        return ((codes - self.feat_mean) / self.feat_std).numpy().astype(np.float32)
+        return self._standardise(self._encode(images.float() / 255.0))
