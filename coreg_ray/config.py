@@ -90,6 +90,13 @@ class CoRegConfig:
     # Not in the paper: min-max normalise the division loss within each (candidate-restricted)
     # predicted class before the GMM, so hard classes keep members in P. See benchmarks/.
     class_balanced_split: bool = False
+    # Not in the paper (stabilisers against confirmation bias when the student is weak after
+    # the warm-up; off = the paper). u_targets_in_candidates: U targets are masked to the
+    # candidate set like P's instead of ignoring it. candidate_loss_weight: the warm-up loss
+    # (partial CE + negative entropy on the candidate sets) stays on as an extra term on the
+    # unmixed strong views of P and U, with this weight.
+    u_targets_in_candidates: bool = False
+    candidate_loss_weight: float = 0.0
     # Ablation switches (paper Table V): all True is Co-Reg.
     co_pseudo_labels: bool = True  # False: each net labels itself (no peer)
     noisy_contrastive: bool = True  # False: plain SupCon on pseudo-labels, no P/U rules

@@ -101,6 +101,20 @@ def test_co_pseudo_labels_w_one_gives_masked_peer():
     assert _close(got, [[0.4, 0.0, 0.6]], 1e-6)
 
 
+def test_co_pseudo_labels_u_in_candidates_masks_only_u_rows():
+    peer_scores = torch.tensor([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])
+    peer_probs = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.7, 0.2]])
+    own_probs = torch.tensor([[0.6, 0.2, 0.2], [0.3, 0.3, 0.4]])
+    cand = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    w = torch.tensor([0.25, 0.9])
+    is_p = torch.tensor([True, False])
+    got = co_pseudo_labels(peer_scores, peer_probs, own_probs, cand, w, is_p, T=1.0,
+                           u_in_candidates=True)
+    # P row as without the switch (T=1): 0.25*[0.4, 0, 0.6] + 0.75*[0.6, 0.2, 0.2]
+    # U row: mean [0.2, 0.5, 0.3] masked to {0, 2} -> [0.4, 0, 0.6]; the off-set class 1 is gone
+    assert _close(got, [[0.55, 0.15, 0.30], [0.4, 0.0, 0.6]], 1e-6)
+
+
 # ----------------------------------------------------------------------------- mixup
 @pytest.mark.parametrize("lam,expected", [(0.3, 0.7), (0.8, 0.8), (0.5, 0.5)])
 def test_mixup_uses_max_lambda(lam, expected):

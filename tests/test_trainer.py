@@ -25,6 +25,21 @@ def test_learns_from_noisy_candidates_and_runs_every_phase(digits):
     assert final["test_accuracy"] > 0.4  # chance is 0.1
 
 
+def test_stabilisers_add_the_candidate_term_and_still_learn(digits):
+    train, test = digits
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
+    plain = CoReg(tiny_config(**{"train.epochs": 4}), progress=False)
+    plain.fit(train, ann, test)
+    assert plain.history[-1]["loss_cand"] == 0.0
+    trainer = CoReg(tiny_config(**{"train.epochs": 4, "coreg.candidate_loss_weight": 1.0,
+                                   "coreg.u_targets_in_candidates": True}), progress=False)
+    final = trainer.fit(train, ann, test)
+    last = trainer.history[-1]
+    # the warm-up loss is partial CE (>= 0) + negative entropy (>= -log C): finite, nonzero
+    assert last["loss_cand"] != 0.0 and last["loss_cand"] > -np.log(10)
+    assert final["test_accuracy"] > 0.4
+
+
 def test_resume_replays_exactly(digits, tmp_path):
     train, _ = digits
     train = train.subset(np.arange(600))

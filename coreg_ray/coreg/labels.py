@@ -60,19 +60,22 @@ def mask_to_candidates(probs: torch.Tensor, candidates: torch.Tensor) -> torch.T
 
 def co_pseudo_labels(peer_scores: torch.Tensor, peer_probs: torch.Tensor, own_probs: torch.Tensor,
                      candidates: torch.Tensor, w: torch.Tensor, is_p: torch.Tensor,
-                     T: float) -> torch.Tensor:
+                     T: float, u_in_candidates: bool = False) -> torch.Tensor:
     """Targets for the net being trained (paper Eqs. 5-8), row by row.
 
     peer_scores: the peer's distribution-aligned prediction from its divide pass (weak view).
     peer_probs / own_probs: mean softmax over two fresh weak views of the peer / own network.
     P rows: q = peer_scores masked to the candidates and renormalised; w*q + (1-w)*own.
     U rows: (peer + own) / 2, i.e. the mean of the 4 weak-view softmaxes.
-    Both sharpened with temperature T.
+    Both sharpened with temperature T. `u_in_candidates` (not in the paper) masks the U mean
+    to the candidate set too, so U rows keep the annotator's information.
     """
     q = mask_to_candidates(peer_scores, candidates)
     w = w.view(-1, 1).to(q.dtype)
     t_p = w * q + (1.0 - w) * own_probs
     t_u = 0.5 * (peer_probs + own_probs)
+    if u_in_candidates:
+        t_u = mask_to_candidates(t_u, candidates)
     return sharpen(torch.where(is_p.view(-1, 1), t_p, t_u), T)
 
 

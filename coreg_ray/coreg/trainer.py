@@ -408,7 +408,8 @@ class CoReg:
         vals = self.comm.all_reduce_sum(torch.stack(list(totals.values()))).tolist()
         tot = dict(zip(totals.keys(), vals))
         steps = max(tot.pop("steps"), 1.0)
-        out = {k: tot[k] / steps for k in ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont")}
+        out = {k: tot[k] / steps for k in ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont",
+                                           "loss_cand")}
         if self.labels is not None:
             out["pseudo_accuracy_p"] = tot["p_correct"] / max(tot["p_count"], 1.0)
             out["pseudo_accuracy_u"] = tot["u_correct"] / max(tot["u_count"], 1.0)
@@ -450,7 +451,7 @@ class CoReg:
         batches = self._split_batches(epoch, a, w_all > c.p_threshold)
         dev = self.device
         acc = {k: torch.zeros((), device=dev) for k in
-               ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "p_correct", "p_count",
+               ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand", "p_correct", "p_count",
                 "u_correct", "u_count", "steps")}
         net.train()
         key.train()
@@ -479,7 +480,7 @@ class CoReg:
                     targets_u = co_pseudo_labels(pu_peer, pu_peer, pu_own, self.candidates[iu],
                                                  torch.zeros(bu, device=dev),
                                                  torch.zeros(bu, dtype=torch.bool, device=dev),
-                                                 c.sharpen_T)
+                                                 c.sharpen_T, c.u_targets_in_candidates)
                 else:
                     targets_u = targets_x[:0]
             inputs = self.aug.strong(torch.cat([x, x, u, u]))  # one batched call for all views
@@ -491,7 +492,8 @@ class CoReg:
             partner = torch.randperm(len(inputs), generator=self.aug.gen, device=dev)
             x_mix, t_mix = mixup(inputs, targets, lam, partner)
             m = len(inputs)
-            fwd = torch.cat([x_mix, xs1, us1]) if use_cont else x_mix
+            anchor = c.candidate_loss_weight > 0
+            fwd = torch.cat([x_mix, xs1, us1]) if use_cont or anchor else x_mix
             with self._autocast():
                 logits, z = net(self._cl(fwd), project=True)
             logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
@@ -499,7 +501,11 @@ class CoReg:
             loss = lx + c.lambda_u * ramp * lu
             if c.prior_penalty:
                 loss = loss + uniform_prior_penalty(logits[:m])
-            lprot = lcont = torch.zeros((), device=dev)
+            lcand = lprot = lcont = torch.zeros((), device=dev)
+            if anchor:  # the unmixed first strong views of P and U vs their candidate sets
+                cand_u = self.candidates[iu] if bu else cand[:0]
+                lcand = warmup_loss(logits[m:], torch.cat([cand, cand_u]))
+                loss = loss + c.candidate_loss_weight * lcand
             if use_proto:
                 lprot = prototype_alignment_loss(z[:m], self.prototypes, t_mix, is_p, c.proto_temp,
                                                  c.lambda_u)
@@ -537,6 +543,7 @@ class CoReg:
                 acc["loss_u"] += lu.detach()
                 acc["loss_prot"] += lprot.detach()
                 acc["loss_cont"] += lcont.detach()
+                acc["loss_cand"] += lcand.detach()
                 acc["steps"] += 1
                 if self.labels is not None:
                     acc["p_correct"] += (hard[:bx] == self.labels[ix]).sum()
