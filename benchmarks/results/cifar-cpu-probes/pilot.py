@@ -31,5 +31,5 @@ cfg = Config.load(overrides=["model.backbone=small_cnn", f"train.epochs={ep}", f
 t0=time.time()
 out = run_method(method, cfg, tr, ann, te)
 last = out["history"][-1]
-print(json.dumps({"method": method, "extra": extra, "acc": out["test_accuracy"], "curve": [round(h["test_accuracy"],3) for h in out["history"] if "test_accuracy" in h],
+print(json.dumps({"method": method, "warmup_epochs": wu, "extra": extra, "acc": out["test_accuracy"], "curve": [round(h["test_accuracy"],3) for h in out["history"] if "test_accuracy" in h],
   "p": last.get("p_fraction"), "pa_p": last.get("pseudo_accuracy_p"), "pa_u": last.get("pseudo_accuracy_u"), "s": round(time.time()-t0)}), flush=True)
