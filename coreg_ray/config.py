@@ -97,6 +97,9 @@ class CoRegConfig:
     # unmixed strong views of P and U, with this weight.
     u_targets_in_candidates: bool = False
     candidate_loss_weight: float = 0.0
+    # agreement_gate: a P row whose candidate-restricted argmax differs between the two nets is
+    # trained as a U row (MSE to the U-style target) and kept out of the prototypes.
+    agreement_gate: bool = False
     # Ablation switches (paper Table V): all True is Co-Reg.
     co_pseudo_labels: bool = True  # False: each net labels itself (no peer)
     noisy_contrastive: bool = True  # False: plain SupCon on pseudo-labels, no P/U rules

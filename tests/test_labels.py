@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from coreg_ray.coreg.labels import (classwise_minmax, co_pseudo_labels, distribution_alignment,
+from coreg_ray.coreg.labels import (candidate_agreement, classwise_minmax, co_pseudo_labels, distribution_alignment,
                                     gmm_clean_probability, mask_to_candidates, minmax_normalize,
                                     mixup, sharpen, update_prototypes)
 
@@ -113,6 +113,15 @@ def test_co_pseudo_labels_u_in_candidates_masks_only_u_rows():
     # P row as without the switch (T=1): 0.25*[0.4, 0, 0.6] + 0.75*[0.6, 0.2, 0.2]
     # U row: mean [0.2, 0.5, 0.3] masked to {0, 2} -> [0.4, 0, 0.6]; the off-set class 1 is gone
     assert _close(got, [[0.55, 0.15, 0.30], [0.4, 0.0, 0.6]], 1e-6)
+
+
+def test_candidate_agreement_compares_argmax_inside_the_set():
+    cand = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    peer = torch.tensor([[0.05, 0.8, 0.15], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]])
+    own = torch.tensor([[0.2, 0.2, 0.6], [0.3, 0.3, 0.4], [0.9, 0.02, 0.08]])
+    # row 0: peer's overall argmax (class 1) is off the set; inside it both pick 2 -> agree
+    # row 1: peer picks 0, own picks 2 -> disagree; row 2: inside {1, 2} both pick 2 -> agree
+    assert candidate_agreement(peer, own, cand).tolist() == [True, False, True]
 
 
 # ----------------------------------------------------------------------------- mixup

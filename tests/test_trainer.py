@@ -32,7 +32,8 @@ def test_stabilisers_add_the_candidate_term_and_still_learn(digits):
     plain.fit(train, ann, test)
     assert plain.history[-1]["loss_cand"] == 0.0
     trainer = CoReg(tiny_config(**{"train.epochs": 4, "coreg.candidate_loss_weight": 1.0,
-                                   "coreg.u_targets_in_candidates": True}), progress=False)
+                                   "coreg.u_targets_in_candidates": True,
+                                   "coreg.agreement_gate": True}), progress=False)
     final = trainer.fit(train, ann, test)
     last = trainer.history[-1]
     # the warm-up loss is partial CE (>= 0) + negative entropy (>= -log C): finite, nonzero

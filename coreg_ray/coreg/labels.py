@@ -79,6 +79,14 @@ def co_pseudo_labels(peer_scores: torch.Tensor, peer_probs: torch.Tensor, own_pr
     return sharpen(torch.where(is_p.view(-1, 1), t_p, t_u), T)
 
 
+def candidate_agreement(peer_probs: torch.Tensor, own_probs: torch.Tensor,
+                        candidates: torch.Tensor) -> torch.Tensor:
+    """[B] bool: both nets pick the same class inside the candidate set. Used (not in the paper)
+    to keep only the P rows whose pseudo-label the two nets agree on."""
+    pick = lambda p: p.masked_fill(candidates <= 0, -1.0).argmax(1)
+    return pick(peer_probs) == pick(own_probs)
+
+
 def mixup(x: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor):
     """lam' = max(lam, 1 - lam) keeps each row dominated by its own sample (so its P/U role
     stays meaningful); partners `perm` come from the whole batch (P and U)."""

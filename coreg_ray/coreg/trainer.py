@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from coreg_ray.config import Config
 from coreg_ray.coreg.comm import LocalComm
-from coreg_ray.coreg.labels import (classwise_minmax, co_pseudo_labels, distribution_alignment,
+from coreg_ray.coreg.labels import (candidate_agreement, classwise_minmax, co_pseudo_labels,
+                                    distribution_alignment,
                                     gmm_clean_probability, minmax_normalize, mixup,
                                     update_prototypes)
 from coreg_ray.coreg.losses import (consistency_loss, contrastive_masks, division_loss,
@@ -470,6 +471,13 @@ class CoReg:
                 w = w_all[ix]
                 targets_x = co_pseudo_labels(self.scores[peer][ix], px_own, px_own, cand, w,
                                              torch.ones_like(w, dtype=torch.bool), c.sharpen_T)
+                keep_p = torch.ones_like(w, dtype=torch.bool)
+                if c.agreement_gate:  # disagreeing P rows get U-style targets (peer: divide pass)
+                    keep_p = candidate_agreement(self.scores[peer][ix], px_own, cand)
+                    as_u = co_pseudo_labels(self.scores[peer][ix], self.scores[peer][ix], px_own,
+                                            cand, w, torch.zeros_like(keep_p), c.sharpen_T,
+                                            c.u_targets_in_candidates)
+                    targets_x = torch.where(keep_p.view(-1, 1), targets_x, as_u)
                 if bu:
                     pu_own = 0.5 * (prob_w[2 * bx:2 * bx + bu] + prob_w[2 * bx + bu:])
                     pu_peer = pu_own
@@ -486,7 +494,7 @@ class CoReg:
             inputs = self.aug.strong(torch.cat([x, x, u, u]))  # one batched call for all views
             xs1, xs2, us1, us2 = inputs.split([bx, bx, bu, bu])
             targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
-            is_p = torch.cat([torch.ones(2 * bx, dtype=torch.bool, device=dev),
+            is_p = torch.cat([keep_p, keep_p,
                               torch.zeros(2 * bu, dtype=torch.bool, device=dev)])
             lam = float(self.rng.beta(c.mixup_alpha, c.mixup_alpha))
             partner = torch.randperm(len(inputs), generator=self.aug.gen, device=dev)
@@ -536,7 +544,7 @@ class CoReg:
                 # Prototypes (shared by both nets) follow the weak-view features of P samples.
                 self.prototypes = update_prototypes(
                     self.prototypes, self.comm.all_gather(z_w[:bx].float()),
-                    self.comm.all_gather(hard[:bx]), self.comm.all_gather(torch.ones_like(hard[:bx], dtype=torch.bool)),
+                    self.comm.all_gather(hard[:bx]), self.comm.all_gather(keep_p),
                     c.proto_gamma)
                 acc["loss"] += loss.detach()
                 acc["loss_x"] += lx.detach()
@@ -545,9 +553,12 @@ class CoReg:
                 acc["loss_cont"] += lcont.detach()
                 acc["loss_cand"] += lcand.detach()
                 acc["steps"] += 1
-                if self.labels is not None:
-                    acc["p_correct"] += (hard[:bx] == self.labels[ix]).sum()
-                    acc["p_count"] += bx
+                if self.labels is not None:  # gated-out P rows count as U (trained as U)
+                    right = hard[:bx] == self.labels[ix]
+                    acc["p_correct"] += (right & keep_p).sum()
+                    acc["p_count"] += keep_p.sum()
+                    acc["u_correct"] += (right & ~keep_p).sum()
+                    acc["u_count"] += (~keep_p).sum()
                     if bu:
                         acc["u_correct"] += (hard[bx:] == self.labels[iu]).sum()
                         acc["u_count"] += bu
