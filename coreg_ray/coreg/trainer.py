@@ -40,6 +40,10 @@ from coreg_ray.errors import CoregError
 CHECKPOINT = "checkpoint.pt"
 
 
+# Per-epoch loss terms of a Co-Reg epoch (summed per step, reported as means).
+LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -409,8 +413,7 @@ class CoReg:
         vals = self.comm.all_reduce_sum(torch.stack(list(totals.values()))).tolist()
         tot = dict(zip(totals.keys(), vals))
         steps = max(tot.pop("steps"), 1.0)
-        out = {k: tot[k] / steps for k in ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont",
-                                           "loss_cand")}
+        out = {k: tot[k] / steps for k in LOSS_TERMS}
         if self.labels is not None:
             out["pseudo_accuracy_p"] = tot["p_correct"] / max(tot["p_count"], 1.0)
             out["pseudo_accuracy_u"] = tot["u_correct"] / max(tot["u_count"], 1.0)
@@ -452,8 +455,7 @@ class CoReg:
         batches = self._split_batches(epoch, a, w_all > c.p_threshold)
         dev = self.device
         acc = {k: torch.zeros((), device=dev) for k in
-               ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand", "p_correct", "p_count",
-                "u_correct", "u_count", "steps")}
+               LOSS_TERMS + ("p_correct", "p_count", "u_correct", "u_count", "steps")}
         net.train()
         key.train()
         self.raw_nets[peer].eval() if peer != a else None
@@ -469,15 +471,13 @@ class CoReg:
                 prob_w = F.softmax(logits_w.float(), 1)
                 px_own = 0.5 * (prob_w[:bx] + prob_w[bx:2 * bx])
                 w = w_all[ix]
-                targets_x = co_pseudo_labels(self.scores[peer][ix], px_own, px_own, cand, w,
-                                             torch.ones_like(w, dtype=torch.bool), c.sharpen_T)
-                keep_p = torch.ones_like(w, dtype=torch.bool)
-                if c.agreement_gate:  # disagreeing P rows get U-style targets (peer: divide pass)
-                    keep_p = candidate_agreement(self.scores[peer][ix], px_own, cand)
-                    as_u = co_pseudo_labels(self.scores[peer][ix], self.scores[peer][ix], px_own,
-                                            cand, w, torch.zeros_like(keep_p), c.sharpen_T,
-                                            c.u_targets_in_candidates)
-                    targets_x = torch.where(keep_p.view(-1, 1), targets_x, as_u)
+                peer_x = self.scores[peer][ix]
+                # With the agreement gate, P rows the nets disagree on get U-style targets (the
+                # peer's view of them is its divide-pass prediction); without it all stay P.
+                keep_p = (candidate_agreement(peer_x, px_own, cand) if c.agreement_gate
+                          else torch.ones_like(w, dtype=torch.bool))
+                targets_x = co_pseudo_labels(peer_x, peer_x, px_own, cand, w, keep_p, c.sharpen_T,
+                                             c.u_targets_in_candidates)
                 if bu:
                     pu_own = 0.5 * (prob_w[2 * bx:2 * bx + bu] + prob_w[2 * bx + bu:])
                     pu_peer = pu_own
