@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (decode_tables, load_annotations, run_children,  # noqa: E402
-                                   short_run_overrides)
+from benchmarks.gpu_common import (decode_tables, load_annotations, load_tables,  # noqa: E402
+                                   run_children, short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.coreg.trainer import CoReg  # noqa: E402
 
@@ -57,7 +57,7 @@ def emit(path: Path, record: dict) -> None:
 
 def child(args) -> None:
     torch.set_num_threads(4)
-    tables = torch.load(args.tables, weights_only=False)
+    tables = load_tables(args.tables)
     train, test = tables["train"], tables["test"]
     ann = load_annotations(args.ann, train)
     if args.run == "speed-compiled":

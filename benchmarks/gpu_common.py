@@ -47,6 +47,15 @@ def decode_tables(data: str, limit, cache: str):
     return train, test, seconds
 
 
+def load_tables(cache: str) -> dict:
+    """What `decode_tables` saved, loaded without running code from the file: weights-only,
+    with the ImageTable dataclass and NumPy arrays (ids, labels) allow-listed."""
+    from coreg_ray.data.tables import ImageTable
+    from coreg_ray.safeload import load_state, numpy_array_types
+
+    return load_state(cache, "cpu", "benchmark table cache", allow=[ImageTable, *numpy_array_types()])
+
+
 def run_children(cmds: dict, deadline: float, log, parallel: int | None = None,
                  env: dict | None = None, t_start: float | None = None) -> dict:
     """Run `cmds` ({key: argv}) in order, at most `parallel` at once (all if None); kill what

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (decode_tables, restrict, run_children,  # noqa: E402
+from benchmarks.gpu_common import (decode_tables, load_tables, restrict, run_children,  # noqa: E402
                                    short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.data import read_annotations, synthetic_annotations  # noqa: E402
@@ -54,7 +54,7 @@ def annotations_for(setting: str, args, train, test):
 
 def child(args) -> None:
     torch.set_num_threads(2)
-    tables = torch.load(args.tables, weights_only=False)
+    tables = load_tables(args.tables)
     train, test = tables["train"], tables["test"]
     ann, test_ann = annotations_for(args.setting, args, train, test)
     cfg = config_for(args, max(2, round(args.epochs / 4)))

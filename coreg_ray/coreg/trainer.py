@@ -36,6 +36,7 @@ from coreg_ray.data.augment import DeviceAugment, channel_stats
 from coreg_ray.data.noise import apply_few_shot, few_shot_indices
 from coreg_ray.data.tables import ImageTable
 from coreg_ray.errors import CoregError
+from coreg_ray import safeload
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -586,7 +587,7 @@ class CoReg:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = safeload.load_state(path, self.device, "checkpoint")
         self.load_state(state)
 
     def load_state(self, state: dict) -> None:
@@ -647,7 +648,7 @@ class Classifier:
         if not path.exists():
             raise CoregError(f"model not found: {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = safeload.load_state(path, "cpu", "model")
         except Exception as exc:
             raise CoregError(f"{path}: not a readable model file ({exc})")
         if not isinstance(state, dict) or state.get("format") != "coreg-ray/1":

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from coreg_ray import safeload
 from coreg_ray.errors import CoregError, require
 
 RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
@@ -146,7 +147,7 @@ def _worker_loop(loop: dict):
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=False)
+            state = safeload.load_state(Path(d) / CHECKPOINT, "cpu", "checkpoint")
         restored_from = state["epoch"]
     ray_info = dict((state or {}).get("ray") or {"restores": []})
     if restored_from is not None:
@@ -297,7 +298,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     import torch
 
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=False)
+        state = safeload.load_state(Path(d) / CHECKPOINT, "cpu", "checkpoint")
         if state["epoch"] != cfg.train.epochs - 1 or not (Path(d) / "model.pt").exists():
             raise CoregError(f"{storage}/{name}: the last checkpoint is epoch {state['epoch'] + 1}, "
                              f"config has {cfg.train.epochs} epochs (changed config on relaunch?)")

@@ -1,0 +1,57 @@
+"""Loading `model.pt`, `checkpoint.pt` and other saved state without running code from the file.
+
+`torch.load(..., weights_only=False)` unpickles arbitrary objects, so a planted `model.pt` or
+`checkpoint.pt` runs whatever its pickle says (`evaluate --model someone_elses.pt`,
+`train --resume`). Every load goes through `load_state`: `weights_only=True`, i.e. tensors,
+containers and plain Python values only; anything else must be named in `allow` (only the
+benchmark's table cache needs that). What our own files hold was checked: a Co-Reg checkpoint
+and `model.pt` contain nothing outside that set (`torch.get_rng_state()` is a plain tensor), so
+the default allow-list is empty.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from coreg_ray.errors import CoregError
+
+
+def numpy_array_types() -> list:
+    """The globals a pickled NumPy array refers to (for `allow`): the array reconstructor,
+    ndarray, dtype and the concrete dtype classes of bool/int/uint/float arrays."""
+    import numpy as np
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    dtypes = {type(np.dtype(c)) for c in ("?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8",
+                                         "f2", "f4", "f8")}
+    return [reconstruct, np.ndarray, np.dtype, *sorted(dtypes, key=lambda t: t.__name__)]
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The global the weights-only unpickler refused (e.g. 'builtins.open'), if it says so."""
+    m = re.search(r"(?:Unsupported global|GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(exc))
+    return m.group(1) if m else None
+
+
+def load_state(path, map_location="cpu", what: str = "model/checkpoint",
+               allow: Iterable = ()) -> Any:
+    """`torch.load(path, map_location, weights_only=True)`, with the types in `allow` added to
+    the weights-only allow-list for this call. Any failure is one `CoregError` line naming the
+    file: a refused payload ("... or it contains code: refused"), or an unreadable file."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CoregError(f"{what} not found: {p}" if not p.exists() else f"{p}: not a file ({what})")
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler refused something
+        name = _refused_global(exc)
+        detail = f" (it would load {name})" if name else ""
+        raise CoregError(f"{p}: not a coreg-ray {what}, or it contains code: refused{detail}") from None
+    except Exception as exc:  # truncated, not a torch file, ...
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CoregError(f"{p}: not a readable coreg-ray {what} ({first})") from None
