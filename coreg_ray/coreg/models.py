@@ -22,6 +22,11 @@ def register(name):
 
 
 class PreActBlock(nn.Module):
+    """Pre-activation basic block as in the authors' `utils/resnet.py`:
+    BN-ReLU -> conv3x3(stride) -> BN-ReLU -> conv3x3, plus a shortcut that is applied to the
+    *pre-activated* input relu(bn1(x)) in both cases: a bias-free 1x1 conv (no BN) when the shape
+    changes, the identity otherwise (so an identity shortcut carries relu(bn1(x)), not x)."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -34,20 +39,23 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        # The projection shortcut sees the pre-activated input (pre-activation ResNet, He 2016).
-        short = self.shortcut(out) if self.shortcut is not None else x
+        short = self.shortcut(out) if self.shortcut is not None else out
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + short
 
 
 class PreActResNet(nn.Module):
-    """PreAct ResNet-18 for small images: 3x3 stem, [2,2,2,2] blocks at 64/128/256/512, strides
-    1/2/2/2 (2/2/2/2 from 64 px up, as the paper does for 64x64 inputs), global average pool."""
+    """PreAct ResNet-18 as in the authors' `utils/resnet.py`: stem conv3x3(3->64, stride 1) ->
+    BN -> ReLU, then [2,2,2,2] PreActBlocks at 64/128/256/512 with strides 1/2/2/2 (2/2/2/2 from
+    64 px up: their `input_size == "64x64"` case), no BN-ReLU after the last block, then average
+    pooling (theirs is avg_pool2d(., 4), which is global for the 4x4 maps of 32/64/28 px inputs;
+    adaptive pooling here so other sizes also give one 512-d vector)."""
 
     def __init__(self, blocks=(2, 2, 2, 2), image_size=32):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
         widths = (64, 128, 256, 512)
         first_stride = 2 if image_size >= 64 else 1
         layers, cin = [], 64
@@ -60,7 +68,7 @@ class PreActResNet(nn.Module):
         self.feature_dim = 512
 
     def forward(self, x):
-        out = self.layers(self.conv1(x))
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
