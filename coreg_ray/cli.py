@@ -101,6 +101,7 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
         cfg.tracking.run_name = run_name
     if not mlflow:
         cfg.tracking.mlflow = False
+    cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
     train, test, ann = load_run_inputs(images, annotations, test_images,
                                        image_size or cfg.data.image_size, limit)
     stats = annotation_stats(ann, train.labels)

@@ -2,13 +2,25 @@
 
 Defaults are those of `shared/paper-method.md` (the authors' code for CIFAR). The resolved config
 is saved next to every run (`config.yaml`) and logged to MLflow.
+
+Every key declares its valid values where it is declared (`_key(default, Range(...))`,
+`Choices(...)`, `Pattern(...)`; booleans are true/false by type). They are checked in one
+place, `_Section.__setattr__`, so a value is checked however it arrives: a YAML file,
+`--set key=value`, a sweep's search space, an experiment file, or code assigning
+`cfg.train.epochs = n`. A bad value is one `CoregError` line naming the key, the value and the
+valid range. The one rule between keys (warm-up not longer than the run) is `check_schedule`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import yaml
 
@@ -30,62 +42,186 @@ def load_yaml_mapping(path, what: str, expected: str = "a mapping") -> dict:
     return data
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "preact_resnet18"  # see coreg_ray.coreg.models.BACKBONES
-    proj_dim: int = 128
+# ------------------------------------------------------------------------ valid values
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `lo` to `hi` (None: unbounded); `lo_open`/`hi_open` exclude the bound."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, value) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return "any finite number"
+
+
+def _num(x) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """One of a fixed set, or of a registry (`values` a function, read when first needed);
+    `noun` names what is chosen in the error ("unknown backbone 'x'")."""
+    values: tuple | Callable[[], typing.Iterable]
+    noun: str = "value"
+
+    def allowed(self) -> list:
+        return list(self.values() if callable(self.values) else self.values)
+
+    def ok(self, value) -> bool:
+        return value in self.allowed()
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(str(v) for v in self.allowed())
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string matching `regex` (whole string); `text` says it in words."""
+    regex: str
+    text: str
+
+    def ok(self, value) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.regex, value, re.DOTALL) is not None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+NON_EMPTY = Pattern(r".*\S.*", "a non-empty string")
+SEED = Range(0, 2**32 - 1)  # NumPy / scikit-learn seeds
+
+
+def _backbones():
+    from coreg_ray.coreg.models import BACKBONES
+
+    return sorted(BACKBONES)
+
+
+def _key(default, valid):
+    """A config field with its valid values (`Range`, `Choices` or `Pattern`)."""
+    return field(default=default, metadata={"valid": valid})
+
+
+def check_value(dotted: str, value, f: dataclasses.Field) -> None:
+    """The one range check: `value` (already of the key's type) against the declaration of
+    field `f`. None is allowed for optional keys (the type check already decided that)."""
+    valid = f.metadata.get("valid")
+    if valid is None or value is None or (value == f.default and type(value) is type(f.default)):
+        return  # defaults are valid by declaration (tests/test_config_ranges.py checks them)
+    if not valid.ok(value):
+        if isinstance(valid, Choices):
+            raise CoregError(f"config key '{dotted}': unknown {valid.noun} {value!r} (valid: {valid})")
+        what = "is out of range" if isinstance(valid, Range) else "is not valid"
+        raise CoregError(f"config key '{dotted}': {value!r} {what} (valid: {valid})")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+class _Section:
+    """Base of the config sections: every assignment to a key is type-coerced and range-checked
+    (also the dataclass __init__'s, so a section never holds an invalid value)."""
+    SECTION: ClassVar[str] = ""
+
+    def __setattr__(self, name, value):
+        f = type(self).__dataclass_fields__.get(name)
+        if f is not None:
+            dotted = f"{self.SECTION}.{name}"
+            value = _coerce(dotted, value, _hints(type(self))[name])
+            check_value(dotted, value, f)
+        object.__setattr__(self, name, value)
 
 
 @dataclass
-class DataConfig:
-    image_size: int | None = None  # None: keep the table's native size
-    crop_padding: float = 0.125  # weak aug: shift by up to this fraction of the side (4 px at 32)
-    strong_ops: int = 1  # random ops per strong view (the authors use one)
+class ModelConfig(_Section):
+    SECTION: ClassVar[str] = "model"
+    # the backbones registered in coreg_ray.coreg.models.BACKBONES
+    backbone: str = _key("preact_resnet18", Choices(_backbones, "backbone"))
+    proj_dim: int = _key(128, Range(1))
+
+
+@dataclass
+class DataConfig(_Section):
+    SECTION: ClassVar[str] = "data"
+    # None: keep the table's native size; at most 1024 (the table lives on the device as uint8)
+    image_size: int | None = _key(None, Range(4, 1024))
+    # weak aug: shift by up to this fraction of the side (4 px at 32)
+    crop_padding: float = _key(0.125, Range(0, 0.5))
+    # random ops per strong view (the authors use one) out of the 14 RandAugment ops
+    strong_ops: int = _key(1, Range(0, 14))
     hflip: bool = True  # random horizontal flip in both views (turn off for digits and text)
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 800
-    warmup_epochs: int = 50
-    batch_size: int = 256
-    warmup_batch_size: int = 512
-    lr: float = 0.01
-    lr_min: float = 1e-5
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    eval_batch_size: int = 2048
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+class TrainConfig(_Section):
+    SECTION: ClassVar[str] = "train"
+    epochs: int = _key(800, Range(1))
+    # may equal epochs (the warm-up-only method); check_schedule rejects warmup_epochs > epochs
+    warmup_epochs: int = _key(50, Range(0))
+    batch_size: int = _key(256, Range(1))
+    warmup_batch_size: int = _key(512, Range(1))
+    lr: float = _key(0.01, Range(0, lo_open=True))
+    lr_min: float = _key(1e-5, Range(0))
+    momentum: float = _key(0.9, Range(0, 1, hi_open=True))
+    weight_decay: float = _key(5e-4, Range(0))
+    eval_batch_size: int = _key(2048, Range(1))
+    seed: int = _key(0, SEED)
+    device: str = _key("auto", Pattern(r"auto|cpu|mps|cuda(:\d+)?",
+                                       "auto, cpu, mps, cuda or cuda:N"))
+    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = _key("auto", Choices(("auto", "bf16", "fp32"), "precision"))
     channels_last: bool = True
     # torch.compile the networks (Inductor). Costs ~1 min of compiling at the start. Measured:
     # PreAct ResNet-18 on an H200 within the run-to-run spread of eager (benchmarks/gpu_h200.md);
     # small_cnn on this CPU ~1.8x faster per epoch.
     compile: bool = False
-    eval_every: int = 1  # test-set evaluation every N epochs (and always at the end)
-    checkpoint_every: int = 1
+    # test-set evaluation every N epochs (and always at the end)
+    eval_every: int = _key(1, Range(1))
+    checkpoint_every: int = _key(1, Range(1))
 
 
 @dataclass
-class CoRegConfig:
-    sharpen_T: float = 0.5
-    mixup_alpha: float = 4.0
-    lambda_u: float = 1.0
-    rampup_epochs: int = 16
-    beta1: float = 0.1  # prototype alignment weight
-    beta2: float = 0.1  # noisy contrastive weight
-    feature_delay: int = 10  # prototype/contrastive terms start this many epochs after warm-up
-    proto_gamma: float = 0.999
-    proto_temp: float = 0.3  # T'
-    cont_temp: float = 0.07  # T''
-    queue_size: int = 8192
-    key_momentum: float = 0.999
-    division_history: int = 5
-    p_threshold: float = 0.5
-    gmm_max_iter: int = 10
-    gmm_tol: float = 1e-2
-    gmm_reg_covar: float = 5e-4
+class CoRegConfig(_Section):
+    SECTION: ClassVar[str] = "coreg"
+    sharpen_T: float = _key(0.5, Range(0, lo_open=True))
+    mixup_alpha: float = _key(4.0, Range(0, lo_open=True))  # Beta(alpha, alpha)
+    lambda_u: float = _key(1.0, Range(0))
+    rampup_epochs: int = _key(16, Range(0))
+    beta1: float = _key(0.1, Range(0))  # prototype alignment weight
+    beta2: float = _key(0.1, Range(0))  # noisy contrastive weight
+    # prototype/contrastive terms from epoch warmup_epochs + feature_delay + 1 on (-1: from
+    # the first Co-Reg epoch)
+    feature_delay: int = _key(10, Range(-1))
+    proto_gamma: float = _key(0.999, Range(0, 1))
+    proto_temp: float = _key(0.3, Range(0, lo_open=True))  # T'
+    cont_temp: float = _key(0.07, Range(0, lo_open=True))  # T''
+    queue_size: int = _key(8192, Range(1))
+    key_momentum: float = _key(0.999, Range(0, 1))
+    division_history: int = _key(5, Range(1))
+    p_threshold: float = _key(0.5, Range(0, 1))
+    gmm_max_iter: int = _key(10, Range(1))
+    gmm_tol: float = _key(1e-2, Range(0))
+    gmm_reg_covar: float = _key(5e-4, Range(0, lo_open=True))
     distribution_alignment: bool = True
     # Not in the paper: min-max normalise the division loss within each (candidate-restricted)
     # predicted class before the GMM, so hard classes keep members in P. See benchmarks/.
@@ -96,7 +232,7 @@ class CoRegConfig:
     # (partial CE + negative entropy on the candidate sets) stays on as an extra term on the
     # unmixed strong views of P and U, with this weight.
     u_targets_in_candidates: bool = False
-    candidate_loss_weight: float = 0.0
+    candidate_loss_weight: float = _key(0.0, Range(0))
     # agreement_gate: a P row whose candidate-restricted argmax differs between the two nets is
     # trained as a U row (MSE to the U-style target) and kept out of the prototypes.
     agreement_gate: bool = False
@@ -112,17 +248,21 @@ class CoRegConfig:
 
 
 @dataclass
-class FewShotConfig:
-    shots: int = 0  # true labels per class, trusted (candidate set = the label, always in P)
-    seed: int = 0
+class FewShotConfig(_Section):
+    SECTION: ClassVar[str] = "fewshot"
+    # true labels per class, trusted (candidate set = the label, always in P)
+    shots: int = _key(0, Range(0))
+    seed: int = _key(0, SEED)
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
+    SECTION: ClassVar[str] = "tracking"
     mlflow: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
-    experiment: str = "coreg-ray"
-    run_name: str | None = None
+    # None: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
+    tracking_uri: str | None = _key(None, NON_EMPTY)
+    experiment: str = _key("coreg-ray", NON_EMPTY)
+    run_name: str | None = _key(None, NON_EMPTY)
 
 
 @dataclass
@@ -170,8 +310,7 @@ class Config:
             raise CoregError(
                 f"config key '{dotted}' does not exist (keys of {section_name}: {', '.join(fields)})"
             )
-        hint = typing.get_type_hints(type(section))[key]
-        setattr(section, key, _coerce(dotted, value, hint))
+        setattr(section, key, value)  # coerced and range-checked by _Section.__setattr__
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +320,25 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # --- valid values ---------------------------------------------------------------------
+    @classmethod
+    def valid_values(cls) -> dict:
+        """{'section.key': (dataclasses.Field, its declared Range/Choices/Pattern or None for
+        a boolean)} for every key: the declarations the checks (and the tests) use."""
+        out = {}
+        for sf in dataclasses.fields(cls):
+            for f in dataclasses.fields(sf.default_factory):
+                out[f"{sf.name}.{f.name}"] = (f, f.metadata.get("valid"))
+        return out
+
+    def check_schedule(self) -> None:
+        """The rule between keys of a Co-Reg run: the warm-up fits in the run (equal is the
+        warm-up-only method). Checked before a run touches its inputs or outputs."""
+        t = self.train
+        if t.warmup_epochs > t.epochs:
+            raise CoregError(f"config key 'train.warmup_epochs': {t.warmup_epochs} is out of range "
+                             f"(valid: 0 to train.epochs = {t.epochs})")
 
 
 def _coerce(name: str, value, hint):
@@ -196,11 +354,11 @@ def _coerce(name: str, value, hint):
             return value
         raise CoregError(f"config key '{name}' must be true/false, got {value!r}")
     if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # also NumPy integers (sweep samples, computed values)
         raise CoregError(f"config key '{name}' must be an integer, got {value!r}")
     if base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # PyYAML reads exponents without a dot ("1e-5") as strings
             try:

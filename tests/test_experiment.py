@@ -251,8 +251,9 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_local, tmp_
     # it); a run that fails at run time is recorded, its cell reads "failed", the rest go on
     exp["methods"] = ["zero_shot", "cc"]
     exp["settings"] = exp["settings"][1:]
+    # (a device no run has: a valid config value that fails in the run)
     third = run_experiment(exp, out, overrides=["train.epochs=1", "train.warmup_epochs=1",
-                                                "train.precision=fp64"],
+                                                "train.device=cuda:99"],
                            log=lines.append, mlflow=False)
     s = third.summary
     assert (s["skipped"], s["ran_now"], s["runs_failed"]) == (2, 2, 2)
@@ -261,5 +262,5 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_local, tmp_
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     failed = [r for r in recs if r["status"] == "failed"]
     assert len(recs) == 14 and len(failed) == 2
-    assert all("precision" in r["error"] and "\n" not in r["error"] for r in failed)
+    assert all("device" in r["error"].lower() and "\n" not in r["error"] for r in failed)
     assert sum("FAILED (" in x for x in lines) == 2

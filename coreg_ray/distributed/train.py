@@ -235,9 +235,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         cfg.tracking.run_name = run_name
     if not mlflow:
         cfg.tracking.mlflow = False
-    if cfg.train.warmup_epochs > cfg.train.epochs:
-        raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
-                         f"({cfg.train.epochs})")
+    cfg.check_schedule()
     size = image_size or cfg.data.image_size
     train, test, ann = load_run_inputs(images, annotations, test_images, size, limit)
     if test is not None and test.labels is None:
@@ -247,8 +245,6 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     from coreg_ray.coreg.models import build_model
 
     build_model(cfg.model.backbone, train.num_classes, size or train.image_size, cfg.model.proj_dim)
-    if cfg.train.precision not in ("auto", "bf16", "fp32"):
-        raise CoregError(f"train.precision must be auto, bf16 or fp32, got {cfg.train.precision}")
     out.mkdir(parents=True, exist_ok=True)
     storage = storage_path or str((out / "ray").resolve())
     if "://" not in storage:

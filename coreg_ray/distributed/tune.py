@@ -124,8 +124,16 @@ class Sweep:
             raise CoregError(f"sweep: data.holdout must be in [0, 1), got {h!r}")
         if h == 0 and self.metric != "test_accuracy":
             raise CoregError(f"sweep: metric {self.metric} needs a held-out split (data.holdout > 0)")
+        from coreg_ray.config import Config
+
         for key, spec in self.search.items():
-            cfg.set(key, _example(key, spec))  # unknown keys and wrong types fail here
+            example = _example(key, spec)  # the form of the spec
+            for value in _edges(spec):  # unknown keys, wrong types, values out of range
+                try:
+                    Config().set(key, value)
+                except CoregError as exc:
+                    raise CoregError(f"sweep: search.{key} = {spec!r}: {exc}") from None
+            cfg.set(key, example)
             if key == "train.warmup_epochs":
                 hi = _upper(spec)
                 if hi is not None and hi >= cfg.train.epochs:
@@ -152,6 +160,19 @@ def _example(key, spec):
     if len(args) < 2 or not all(isinstance(a, (int, float)) for a in args):
         raise CoregError(f"sweep: search.{key}.{kind} needs [low, high{', q' if 'q' in kind else ''}]")
     return int(args[0]) if kind == "randint" else float(args[0])
+
+
+def _edges(spec) -> list:
+    """The values a search space can reach at its edges (all of them for choice/grid)."""
+    if not isinstance(spec, dict):
+        return [spec]
+    (kind, args), = spec.items()
+    if kind in ("choice", "grid"):
+        return list(args)
+    lo, hi = args[0], args[1]
+    if kind == "randint":
+        return [int(lo), int(hi) - 1]  # randint's upper bound is exclusive
+    return [float(lo), float(hi)]
 
 
 def _upper(spec):
