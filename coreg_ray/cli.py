@@ -46,29 +46,55 @@ def cmd_synth(args):
     print(json.dumps(annotation_stats(ann, table.labels), default=float))
 
 
-def cmd_simulate(args):
-    from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table, write_annotations
+def _simulated_annotator(args):
+    """The annotator `simulate-annotator` asked for: paper statistics (--like/--dataset or the
+    three explicit targets) or the weak-template stand-in. Returns (annotator, annotate(table))."""
+    paper = args.like or args.dataset or any(
+        v is not None for v in (args.partial_acc, args.avg_candidates, args.zero_shot))
+    if not paper:
+        from coreg_ray.data import SimulatedVLM
 
+        vlm = SimulatedVLM(args.templates or 8, args.per_class, args.feature_fraction, args.seed,
+                           args.features)
+        return vlm, lambda t: vlm.annotate(t.images, t.ids)
+    from coreg_ray.experiment import paper_annotator
+
+    spec = {"like": args.like, "dataset": args.dataset, "partial_acc": args.partial_acc,
+            "avg_candidates": args.avg_candidates, "zero_shot": args.zero_shot,
+            "templates": args.templates, "features": args.features, "seed": args.seed}
+    vlm = paper_annotator({k: v for k, v in spec.items() if v is not None}, "simulate-annotator")
+    return vlm, lambda t: vlm.annotate(t.images, t.labels, t.ids)
+
+
+def cmd_simulate(args):
+    from coreg_ray.data import annotation_stats, load_image_table, write_annotations
+
+    if args.test_images and not args.test_output:
+        raise CoregError("--test-images needs --test-output")
+    vlm, annotate = _simulated_annotator(args)
     table = load_image_table(args.images, args.image_size, args.limit)
-    vlm = SimulatedVLM(args.templates, args.per_class, args.feature_fraction, args.seed,
-                       args.features)
+    if table.labels is None:
+        raise CoregError(f"{args.images}: the simulated annotator needs true labels (it is "
+                         "fitted on them)")
     vlm.fit(table.images, table.labels, table.num_classes)
-    ann = vlm.annotate(table.images, table.ids)
+    ann = annotate(table)
     ann.meta["classes"] = table.classes
     test = None
     if args.test_images:
-        if not args.test_output:
-            raise CoregError("--test-images needs --test-output")
         test = load_image_table(args.test_images, args.image_size)
-        test_ann = vlm.annotate(test.images, test.ids)
+        test_ann = annotate(test)
         test_ann.meta["classes"] = test.classes
     write_annotations(ann, args.output)
     if test is not None:
         write_annotations(test_ann, args.test_output)
         print(json.dumps({"test": annotation_stats(test_ann, test.labels)}, default=float))
-    print("note: simulated annotator = weak classifiers standing in for a VLM (not a VLM)",
-          file=sys.stderr)
-    print(json.dumps(annotation_stats(ann, table.labels), default=float))
+    print("note: simulated annotator — a stand-in for a VLM, not a VLM; every result that uses "
+          "it must say so", file=sys.stderr)
+    stats = annotation_stats(ann, table.labels)
+    if getattr(vlm, "targets", None):
+        p, a, z = vlm.targets
+        stats["targets"] = {"partial_accuracy": p, "avg_candidates": a, "ensemble_accuracy": z}
+    print(json.dumps(stats, default=float))
 
 
 def cmd_report(args):
@@ -241,14 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("simulate-annotator",
-                       help="offline stand-in for a VLM annotator (weak template classifiers)")
+                       help="offline stand-in for a VLM annotator: the paper's annotation "
+                            "statistics (--like) or weak template classifiers")
     _add_images(p); _common_table_args(p)
-    p.add_argument("--templates", type=int, default=8)
-    p.add_argument("--per-class", type=int, default=10, help="labelled images per template and class")
+    g = p.add_argument_group("paper statistics (coreg_ray.annotate.simulated)")
+    g.add_argument("--like", default=None,
+                   help="annotator preset from the paper's Tables I-II: clip-vitb32, clip-vitb16, "
+                        "llava-1.5 (with --dataset)")
+    g.add_argument("--dataset", default=None,
+                   help="cifar10, cifar100, svhn, fmnist, eurosat or gtsrb (with --like)")
+    g.add_argument("--partial-acc", type=float, default=None, help="target: truth in the set")
+    g.add_argument("--avg-candidates", type=float, default=None, help="target: average set size")
+    g.add_argument("--zero-shot", type=float, default=None,
+                   help="target: vote-ensemble accuracy")
+    p.add_argument("--templates", type=int, default=None,
+                   help="templates (default: the preset's, 27 with explicit targets, 8 for the "
+                        "weak-template stand-in)")
+    p.add_argument("--per-class", type=int, default=10,
+                   help="weak-template stand-in: labelled images per template and class")
     p.add_argument("--feature-fraction", type=float, default=0.5)
     p.add_argument("--features", choices=("pixels", "patches"), default="pixels",
-                   help="template inputs: coarse pixels (digits) or frozen label-free patch "
-                        "features (natural images such as CIFAR)")
+                   help="image features: coarse pixels or frozen label-free patch features")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.add_argument("--test-images", default=None, help="also annotate this table (same templates)")

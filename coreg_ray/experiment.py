@@ -28,6 +28,9 @@ Experiment file (YAML)
       - {name: simulated VLM, simulated_vlm: {templates: 8, per_class: 100,
                                               feature_fraction: 0.5, seed: 0,
                                               features: patches}}   # or pixels (default)
+      - {name: CLIP ViT-B/32 (simulated),                 # the paper's annotation statistics
+         paper_annotator: {like: clip-vitb32, dataset: gtsrb, seed: 0}}   # (or partial_acc,
+                                        # avg_candidates, zero_shot, templates; features, seed)
       - name: CLIP ViT-B/32             # real annotation tables (coreg-ray annotate)
         annotations: ann/cifar10-train.parquet
         test_annotations: ann/cifar10-test.parquet        # needed by zero_shot
@@ -49,7 +52,9 @@ Experiment file (YAML)
 - Config precedence per run: `config` < the setting's `config` < `--set` overrides < the run's
   own keys (train.seed, fewshot.shots, fewshot.seed).
 - Synthetic settings annotate the test split too (generator seed + 1) so `zero_shot` can be
-  measured; a simulated VLM is fitted on the training labels and annotates train and test.
+  measured; a simulated VLM is fitted on the training labels and annotates train and test; a
+  paper_annotator (`coreg_ray.annotate.simulated`) is calibrated on the training table to the
+  paper's statistics and annotates both splits with that calibration.
   `zero_shot` does not depend on shots: it runs once per (setting, seed), with shots 0.
 - Table layout: rows = methods, columns = settings; with several `shots` and one setting the
   columns are shots ("1-shot", ...). With several shots and settings-columns, rows are
@@ -78,10 +83,13 @@ from coreg_ray.errors import CoregError
 TOP_KEYS = ("name", "description", "data", "settings", "methods", "shots", "seeds", "config",
             "params", "resources", "parallel", "labels", "table")
 DATA_KEYS = ("images", "test_images", "limit", "test_limit", "image_size")
-KINDS = ("synthetic", "simulated_vlm", "annotations")
+KINDS = ("synthetic", "simulated_vlm", "paper_annotator", "annotations")
 SETTING_KEYS = ("name", *KINDS, "test_annotations", "annotator", "data", "config")
 KIND_KEYS = {"synthetic": ("q", "eta", "seed"),
-             "simulated_vlm": ("templates", "per_class", "feature_fraction", "seed", "features")}
+             "simulated_vlm": ("templates", "per_class", "feature_fraction", "seed", "features"),
+             "paper_annotator": ("like", "dataset", "partial_acc", "avg_candidates", "zero_shot",
+                                 "templates", "features", "seed")}
+SIMULATED_KINDS = ("simulated_vlm", "paper_annotator")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 SHOT_FREE = ("zero_shot",)  # methods whose result cannot depend on few-shot labels
 SHORT_LABELS = {"zero_shot": "Zero-shot (annotator, test)", "warmup_only": "Warm-up loss only",
@@ -325,9 +333,11 @@ class Setting:
             on = "patch features" if s.get("features") == "patches" else "coarse pixels"
             text = (f"{s.get('templates', 8)} weak template classifiers on {on}, "
                     f"{s.get('per_class', 10)} labelled images per class each")
+        elif self.kind == "paper_annotator":
+            text = paper_annotator(self.spec).spec
         else:
             text = f"annotation table {self.spec}"
-        if self.kind == "simulated_vlm":
+        if self.kind in SIMULATED_KINDS:
             text = f"{SIMULATED_NOTE} ({text})"
         return text
 
@@ -627,6 +637,8 @@ def _setting(s, i, data, where, resolve) -> Setting:
                 v = spec.get(k)
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                     raise CoregError(f"{at}: synthetic.{k} must be a number in [0, 1], got {v!r}")
+        elif kind == "paper_annotator":
+            paper_annotator(spec, at)  # validates
         else:
             for k in ("templates", "per_class"):
                 v = spec.get(k)
@@ -657,12 +669,40 @@ def _data_key(d: dict, image_size) -> str:
     return json.dumps({**{k: d.get(k) for k in DATA_KEYS}, "image_size": image_size}, sort_keys=True)
 
 
+def paper_annotator(spec: dict, where: str = "paper_annotator"):
+    """A `PaperLikeAnnotator` from a setting's spec: a preset (`like` + `dataset`) or explicit
+    targets (`partial_acc`, `avg_candidates`, `zero_shot`, `templates`)."""
+    from coreg_ray.annotate.simulated import PaperLikeAnnotator, paper_targets
+
+    spec = dict(spec or {})
+    try:
+        if spec.get("like") is not None or spec.get("dataset") is not None:
+            if spec.get("like") is None or spec.get("dataset") is None:
+                raise CoregError("a preset needs both like (annotator) and dataset")
+            k, (pa, avg, zs) = paper_targets(str(spec["like"]), str(spec["dataset"]))
+            name = f"{spec['like']}/{spec['dataset']}"
+        else:
+            missing = [k for k in ("partial_acc", "avg_candidates", "zero_shot") if k not in spec]
+            if missing:
+                raise CoregError("give a preset (like and dataset) or all three targets "
+                                 f"partial_acc, avg_candidates, zero_shot (missing: {', '.join(missing)})")
+            k, pa, avg, zs, name = 27, spec["partial_acc"], spec["avg_candidates"], spec["zero_shot"], ""
+        return PaperLikeAnnotator(float(spec.get("partial_acc", pa)),
+                                  float(spec.get("avg_candidates", avg)),
+                                  float(spec.get("zero_shot", zs)), int(spec.get("templates", k)),
+                                  spec.get("features", "pixels"), int(spec.get("seed", 0)), name)
+    except (TypeError, ValueError) as exc:
+        raise CoregError(f"{where}: {exc}") from None
+    except CoregError as exc:
+        raise CoregError(f"{where}: {exc}") from None
+
+
 def build_annotations(setting: Setting, train, test):
     """(train annotations, test annotations or None) of a setting."""
     from coreg_ray.data import SimulatedVLM, read_annotations, synthetic_annotations
 
     c = train.num_classes
-    if setting.kind in ("synthetic", "simulated_vlm") and train.labels is None:
+    if setting.kind in ("synthetic", *SIMULATED_KINDS) and train.labels is None:
         raise CoregError(f"setting '{setting.name}': {setting.kind} annotations need labelled "
                          "training images")
     if setting.kind == "synthetic":
@@ -677,6 +717,11 @@ def build_annotations(setting: Setting, train, test):
                            s.get("features", "pixels"))
         vlm.fit(train.images, train.labels, c)
         ann, test_ann = vlm.annotate(train.images, train.ids), vlm.annotate(test.images, test.ids)
+    elif setting.kind == "paper_annotator":
+        vlm = paper_annotator(setting.spec, f"setting '{setting.name}'")
+        vlm.fit(train.images, train.labels, c)
+        ann = vlm.annotate(train.images, train.labels, train.ids)
+        test_ann = vlm.annotate(test.images, test.labels, test.ids)
     else:
         ann = read_annotations(setting.spec, c).align_to(train.ids, str(setting.spec))
         test_ann = None
