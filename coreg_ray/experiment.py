@@ -796,6 +796,18 @@ def execute_run(run: dict, train, test, annotations, test_annotations) -> dict:
     return out
 
 
+HISTORY_KEYS = ("epoch", "phase", "test_accuracy", "p_fraction", "p_precision_net1",
+                "p_precision_net2", "pseudo_accuracy_p", "pseudo_accuracy_u", "loss", "loss_x",
+                "loss_u", "loss_prot", "loss_cont", "loss_cand", "epoch_seconds")
+
+
+def epoch_rows(history: list[dict]) -> list[dict]:
+    """The per-epoch curve a results.jsonl record keeps: test accuracy, the P/U split and
+    pseudo-label accuracy (when truth exists) and the loss terms, rounded."""
+    return [{k: (round(h[k], 5) if isinstance(h[k], float) else h[k])
+             for k in HISTORY_KEYS if k in h} for h in history]
+
+
 def _plain(v):
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         return v.item()
@@ -1141,6 +1153,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                            "fingerprint": run["fingerprint"], **result,
                            "test_history": [{"epoch": h.get("epoch"), "test_accuracy": h["test_accuracy"]}
                                             for h in history if "test_accuracy" in h],
+                           "history": epoch_rows(history),
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                     if tracker is not None:
                         rec["mlflow_run_id"] = tracker.log_run(run, rec, history,

@@ -4,6 +4,14 @@ Read `fit` top to bottom: warm-up epochs, then each epoch: divide (per net: alig
 loss -> 5-epoch average -> GMM -> P/U), then one pass in which both networks train on the same
 batches, each with the split and pseudo-labels built from its peer (co-divide, co-pseudo-labels).
 
+Bookkeeping follows the authors' code (Portugas0807/Co-Reg, train.py/model.py), pinned by
+tests/test_reference_bookkeeping.py: each net warms up on its own shuffled pass (last partial
+batch kept) and fills a per-sample prediction table, which distribution alignment divides by
+(chunk by chunk, as their eval pass does); in a Co-Reg step the trained net sees each weak view
+in its own train-mode forward, then the mixed batch, then the unmixed strong views of the
+contrastive branch, which runs (key update, queue) from the first post-warm-up epoch on while
+its loss waits `coreg.feature_delay` epochs; prototypes follow P's weak features from then on.
+
 The whole training set lives on the device as uint8; views are made there (`DeviceAugment`).
 Every random draw is re-seeded per (seed, rank, epoch), so a resumed run replays exactly the
 epochs a killed run would have run, and N workers draw independent but reproducible views.
@@ -231,8 +239,9 @@ class CoReg:
         self.queues = [MoCoQueue.empty(cfg.coreg.queue_size, cfg.model.proj_dim, dev)
                        for _ in range(2)]
         self.div_history: list[list[torch.Tensor]] = [[], []]
-        self.mean_probs = [torch.full((self.num_classes,), 1.0 / self.num_classes, device=dev)
-                           for _ in range(2)]
+        # each net's per-sample prediction table (distribution alignment divides by its mean)
+        self.pred_table = [torch.full((self.n, self.num_classes), 1.0 / self.num_classes,
+                                      device=dev) for _ in range(2)]
         self.split_w = [torch.ones(self.n, device=dev) for _ in range(2)]
         # each net's distribution-aligned weak-view prediction from its last divide pass
         self.scores = [torch.full((self.n, self.num_classes), 1.0 / self.num_classes, device=dev)
@@ -303,17 +312,18 @@ class CoReg:
         return final
 
     # ------------------------------------------------------------------------ batches
-    def _shard(self, epoch: int, batch: int):
-        """This rank's batches of one epoch: a permutation shared by all ranks (seeded by
-        epoch), dealt round-robin, cut into equal full batches. `batch` is the global batch:
-        each of W ranks takes batch // W, and every rank gets the same number of equal batches
-        (the permutation's last n mod W samples sit out this epoch), so DDP's collectives match."""
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+    def _shard(self, epoch: int, batch: int, stream: int = 0, keep_last: bool = False):
+        """This rank's batches of one epoch: a permutation shared by all ranks (seeded by epoch
+        and `stream`), dealt round-robin. `batch` is the global batch: each of W ranks takes
+        batch // W, and every rank gets the same number of batches of the same sizes (the
+        permutation's last n mod W samples sit out this epoch), so DDP's collectives match.
+        `keep_last` keeps the last partial batch (the reference's warm-up loader does)."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch + 7_777 * stream)
         perm = torch.randperm(self.n, generator=g)
         w = self.comm.world_size
         mine = perm[:(self.n // w) * w][self.comm.rank::w].to(self.device)
         batch = min(max(1, batch // w), len(mine))
-        steps = max(1, len(mine) // batch)
+        steps = -(-len(mine) // batch) if keep_last else max(1, len(mine) // batch)
         return [mine[i * batch:(i + 1) * batch] for i in range(steps)]
 
     def _reseed(self, epoch: int):
@@ -322,25 +332,36 @@ class CoReg:
         self.rng = np.random.default_rng(seed)
 
     def warmup_epoch(self, epoch: int) -> dict:
-        """Partial CE + negative entropy on strong views, each net on its own view."""
+        """Partial CE + negative entropy on strong views. As in the reference, each net makes
+        its own shuffled pass over the whole set (the last partial batch kept), and its
+        predictions fill its distribution-alignment table."""
         self._reseed(epoch)
-        for net in self.nets:
-            net.train()
         total = torch.zeros((), device=self.device)
-        batches = self._shard(epoch, self.cfg.train.warmup_batch_size)
-        for idx in batches:
-            x, cand = self.images[idx], self.candidates[idx]
-            views = self.aug.strong(torch.cat([x, x])).chunk(2)  # one augment call, two views
-            for net, opt, view in zip(self.nets, self.opts, views):
+        steps = 0
+        for k, (net, opt) in enumerate(zip(self.nets, self.opts)):
+            net.train()
+            for idx in self._shard(epoch, self.cfg.train.warmup_batch_size, stream=k,
+                                   keep_last=True):
                 with self._autocast():
-                    logits = net(self._cl(view))
-                loss = warmup_loss(logits.float(), cand)
+                    logits = net(self._cl(self.aug.strong(self.images[idx])))
+                logits = logits.float()
+                loss = warmup_loss(logits, self.candidates[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                with torch.no_grad():
+                    self._record_predictions(k, idx, F.softmax(logits, 1))
                 total += loss.detach()
-        loss = self.comm.all_reduce_sum(total).item() / (2 * len(batches) * self.comm.world_size)
+                steps += 1
+        loss = self.comm.all_reduce_sum(total).item() / (steps * self.comm.world_size)
         return {"phase": "warmup", "loss": loss, "loss_warmup": loss}
+
+    def _record_predictions(self, k: int, idx: torch.Tensor, probs: torch.Tensor) -> None:
+        """Net k's per-sample prediction table for distribution alignment (the reference's
+        `pseudo_distribution`): rows of `idx` <- `probs`, gathered over ranks."""
+        if not self.cfg.coreg.distribution_alignment:
+            return
+        self.pred_table[k][self.comm.all_gather(idx)] = self.comm.all_gather(probs.float())
 
     @torch.no_grad()
     def _predict_all(self, net, images, weak: bool) -> torch.Tensor:
@@ -372,9 +393,8 @@ class CoReg:
         stats = {"phase": "coreg"}
         for k, net in enumerate(self.raw_nets):
             probs = self._predict_all(net, self.images, weak=True)
-            self.mean_probs[k] = probs.mean(0)
             if c.distribution_alignment:
-                probs = distribution_alignment(probs, self.mean_probs[k])
+                probs = self._align(k, probs)
             self.scores[k] = probs
             loss = division_loss(probs, self.candidates)
             if c.class_balanced_split:
@@ -397,6 +417,17 @@ class CoReg:
                                                     if is_p.any() else float("nan"))
         stats["p_fraction"] = 0.5 * (stats["p_fraction_net1"] + stats["p_fraction_net2"])
         return stats
+
+    def _align(self, k: int, probs: torch.Tensor) -> torch.Tensor:
+        """Distribution alignment as the reference runs it: chunk by chunk in index order, each
+        chunk first written into net k's prediction table, then divided by the table's mean
+        (rows not yet reached this pass still hold their last prediction, from the previous
+        divide pass or the warm-up)."""
+        table, out = self.pred_table[k], torch.empty_like(probs)
+        for chunk in torch.arange(self.n, device=self.device).split(self.cfg.train.eval_batch_size):
+            table[chunk] = probs[chunk]
+            out[chunk] = distribution_alignment(probs[chunk], table.mean(0))
+        return out
 
     def coreg_epoch(self, epoch: int) -> dict:
         """Train net 1 on net 2's split and scores, then net 2 on net 1's (co-divide)."""
@@ -466,10 +497,15 @@ class CoReg:
             bu = 0 if iu is None else len(iu)
             x, cand = self.images[ix], self.candidates[ix]
             u = self.images[iu] if bu else x[:0]
+            # -- targets: weak views, no grad. As in the reference, the trained net sees each
+            #    weak view in its own train-mode forward (x_w1, x_w2, u_w1, u_w2), so its
+            #    BatchNorm statistics get four per-view updates per step.
             with torch.no_grad(), self._autocast():
                 weak = self.aug.weak(torch.cat([x, x, u, u]))  # per-sample random: 4 views
-                logits_w, z_w = raw(self._cl(weak), project=True)
-                prob_w = F.softmax(logits_w.float(), 1)
+                views = [v for v in weak.split([bx, bx, bu, bu]) if len(v)]
+                outs = [raw(self._cl(v), project=True) for v in views]
+                prob_w = F.softmax(torch.cat([o[0] for o in outs]).float(), 1)
+                z_xw1 = outs[0][1]
                 px_own = 0.5 * (prob_w[:bx] + prob_w[bx:2 * bx])
                 w = w_all[ix]
                 peer_x = self.scores[peer][ix]
@@ -492,6 +528,7 @@ class CoReg:
                                                  c.sharpen_T, c.u_targets_in_candidates)
                 else:
                     targets_u = targets_x[:0]
+            # -- strong views and MixUp over P and U
             inputs = self.aug.strong(torch.cat([x, x, u, u]))  # one batched call for all views
             xs1, xs2, us1, us2 = inputs.split([bx, bx, bu, bu])
             targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
@@ -501,50 +538,63 @@ class CoReg:
             partner = torch.randperm(len(inputs), generator=self.aug.gen, device=dev)
             x_mix, t_mix = mixup(inputs, targets, lam, partner)
             m = len(inputs)
-            anchor = c.candidate_loss_weight > 0
-            fwd = torch.cat([x_mix, xs1, us1]) if use_cont or anchor else x_mix
-            with self._autocast():
-                logits, z = net(self._cl(fwd), project=True)
-            logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
-            lx, lu = consistency_loss(logits[:m], t_mix, is_p)
-            loss = lx + c.lambda_u * ramp * lu
-            if c.prior_penalty:
-                loss = loss + uniform_prior_penalty(logits[:m])
-            lcand = lprot = lcont = torch.zeros((), device=dev)
-            if anchor:  # the unmixed first strong views of P and U vs their candidate sets
-                cand_u = self.candidates[iu] if bu else cand[:0]
-                lcand = warmup_loss(logits[m:], torch.cat([cand, cand_u]))
-                loss = loss + c.candidate_loss_weight * lcand
-            if use_proto:
-                lprot = prototype_alignment_loss(z[:m], self.prototypes, t_mix, is_p, c.proto_temp,
-                                                 c.lambda_u)
-                loss = loss + c.beta1 * lprot
             hard = torch.cat([targets_x, targets_u]).argmax(1)
             q_is_p = torch.cat([is_p[:bx], is_p[2 * bx:2 * bx + bu]])
-            if use_cont:
-                with torch.no_grad(), self._autocast():
-                    _, k = key(self._cl(torch.cat([xs2, us2])), project=True)
-                queue = self.queues[a]
-                pos, kept = contrastive_masks(hard, q_is_p, queue.labels, queue.is_p,
-                                              c.noisy_contrastive)
-                zq = z[m:]
-                lcont = noisy_contrastive_loss(zq, torch.cat([zq, k.float(), queue.feats]), pos, kept,
-                                               c.cont_temp)
-                loss = loss + c.beta2 * lcont
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                if use_cont:
-                    kp = list(key.parameters())
+            # -- forward: the mixed batch, then (the reference's contrastive branch, run every
+            #    step once the warm-up is over, also before its loss is switched on) the unmixed
+            #    first strong views through the query net and the second through the key net
+            anchor = c.candidate_loss_weight > 0
+            with self._autocast():
+                logits, z = net(self._cl(x_mix), project=True)
+            logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
+            branch = c.contrastive or anchor
+            if branch:
+                with torch.set_grad_enabled(use_cont or anchor), self._autocast():
+                    logits_q, zq = raw(self._cl(torch.cat([xs1, us1])), project=True)
+                logits_q, zq = logits_q.float(), zq.float()
+            if c.contrastive:
+                with torch.no_grad():
+                    kp = list(key.parameters())  # momentum update before the keys (reference)
                     torch._foreach_mul_(kp, c.key_momentum)
                     torch._foreach_add_(kp, [p.detach() for p in raw.parameters()],
                                         alpha=1.0 - c.key_momentum)
-                    self.queues[a].push(self.comm.all_gather(k.float()), self.comm.all_gather(hard),
+                    with self._autocast():
+                        _, k = key(self._cl(torch.cat([xs2, us2])), project=True)
+                    k = k.float()
+            # -- losses
+            lx, lu = consistency_loss(logits, t_mix, is_p)
+            loss = lx + c.lambda_u * ramp * lu
+            if c.prior_penalty:
+                loss = loss + uniform_prior_penalty(logits)
+            lcand = lprot = lcont = torch.zeros((), device=dev)
+            if anchor:  # the unmixed first strong views of P and U vs their candidate sets
+                cand_u = self.candidates[iu] if bu else cand[:0]
+                lcand = warmup_loss(logits_q, torch.cat([cand, cand_u]))
+                loss = loss + c.candidate_loss_weight * lcand
+            if use_proto:
+                lprot = prototype_alignment_loss(z, self.prototypes, t_mix, is_p, c.proto_temp,
+                                                 c.lambda_u)
+                loss = loss + c.beta1 * lprot
+            if use_cont:
+                queue = self.queues[a]
+                pos, kept = contrastive_masks(hard, q_is_p, queue.labels, queue.is_p,
+                                              c.noisy_contrastive)
+                lcont = noisy_contrastive_loss(zq, torch.cat([zq, k, queue.feats]), pos, kept,
+                                               c.cont_temp)
+                loss = loss + c.beta2 * lcont
+            # -- step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # -- queue and prototypes: updated every post-warm-up step (reference), whether or
+            #    not their loss terms are on yet
+            with torch.no_grad():
+                if c.contrastive:
+                    self.queues[a].push(self.comm.all_gather(k), self.comm.all_gather(hard),
                                         self.comm.all_gather(q_is_p))
                 # Prototypes (shared by both nets) follow the weak-view features of P samples.
                 self.prototypes = update_prototypes(
-                    self.prototypes, self.comm.all_gather(z_w[:bx].float()),
+                    self.prototypes, self.comm.all_gather(z_xw1.float()),
                     self.comm.all_gather(hard[:bx]), self.comm.all_gather(keep_p),
                     c.proto_gamma)
                 acc["loss"] += loss.detach()
@@ -573,7 +623,7 @@ class CoReg:
             "key_nets": [n.state_dict() for n in self.key_nets],
             "opts": [o.state_dict() for o in self.opts],
             "prototypes": self.prototypes, "queues": [q.state() for q in self.queues],
-            "div_history": self.div_history, "mean_probs": self.mean_probs,
+            "div_history": self.div_history, "pred_table": self.pred_table,
             "split_w": self.split_w, "scores": self.scores, "history": self.history, "elapsed": self.elapsed,
             "torch_rng": torch.get_rng_state(),
         }
@@ -602,7 +652,7 @@ class CoReg:
             q.feats, q.labels, q.is_p, q.ptr = (s["feats"].to(self.device), s["labels"].to(self.device),
                                                s["is_p"].to(self.device), s["ptr"])
         self.div_history = [[t.cpu() for t in h] for h in state["div_history"]]
-        self.mean_probs = [t.to(self.device) for t in state["mean_probs"]]
+        self.pred_table = [t.to(self.device) for t in state["pred_table"]]
         self.split_w = [t.to(self.device) for t in state["split_w"]]
         self.scores = [t.to(self.device) for t in state["scores"]]
         self.history = list(state["history"])
