@@ -1,20 +1,19 @@
 """`coreg-ray` command line: synth | simulate-annotator | report | train | evaluate | quickstart.
 
-Every user error is printed as one line (`coreg-ray: error: ...`) with exit status 2; outputs are
-written atomically so a failed command leaves nothing half-written.
+Every user error is printed as one line (`coreg-ray: error: ...`) with exit status 2, and is
+found before anything is written: a command checks every place it will write
+(`coreg_ray.outputs`), then reads and checks its inputs, and only then writes, atomically, so
+a failed command leaves nothing half-written and no temp file.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from coreg_ray.errors import CoregError
+from coreg_ray.outputs import check_output_dir, check_output_file, to_json, write_json_atomic
 
 
 def _add_images(p, required=True, name="--images", help="image table: .parquet, folder, .npz, "
@@ -28,22 +27,25 @@ def _common_table_args(p):
 
 
 def _write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
+
+
+def _print_json(data, indent=None):
+    print(to_json(data, indent))
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_synth(args):
     from coreg_ray.data import annotation_stats, load_image_table, synthetic_annotations, write_annotations
 
+    check_output_file(args.output, "--output", " (give the annotation table's file name)")
     table = load_image_table(args.images, args.image_size, args.limit)
     if table.labels is None:
         raise CoregError(f"{args.images}: synthetic candidates need ground-truth labels")
     ann = synthetic_annotations(table.ids, table.labels, table.num_classes, args.q, args.eta, args.seed)
     ann.meta["classes"] = table.classes
     write_annotations(ann, args.output)
-    print(json.dumps(annotation_stats(ann, table.labels), default=float))
+    _print_json(annotation_stats(ann, table.labels))
 
 
 def _simulated_annotator(args):
@@ -71,6 +73,12 @@ def cmd_simulate(args):
 
     if args.test_images and not args.test_output:
         raise CoregError("--test-images needs --test-output")
+    hint = " (give the annotation table's file name)"
+    check_output_file(args.output, "--output", hint)
+    if args.test_output:
+        check_output_file(args.test_output, "--test-output", hint)
+        if Path(args.test_output).resolve() == Path(args.output).resolve():
+            raise CoregError("--test-output is the same file as --output")
     vlm, annotate = _simulated_annotator(args)
     table = load_image_table(args.images, args.image_size, args.limit)
     if table.labels is None:
@@ -87,14 +95,14 @@ def cmd_simulate(args):
     write_annotations(ann, args.output)
     if test is not None:
         write_annotations(test_ann, args.test_output)
-        print(json.dumps({"test": annotation_stats(test_ann, test.labels)}, default=float))
+        _print_json({"test": annotation_stats(test_ann, test.labels)})
     print("note: simulated annotator — a stand-in for a VLM, not a VLM; every result that uses "
           "it must say so", file=sys.stderr)
     stats = annotation_stats(ann, table.labels)
     if getattr(vlm, "targets", None):
         p, a, z = vlm.targets
         stats["targets"] = {"partial_accuracy": p, "avg_candidates": a, "ensemble_accuracy": z}
-    print(json.dumps(stats, default=float))
+    _print_json(stats)
 
 
 def cmd_report(args):
@@ -106,19 +114,22 @@ def cmd_report(args):
     if table is not None:
         ann = ann.align_to(table.ids, str(args.annotations))
         labels = table.labels
-    print(json.dumps(annotation_stats(ann, labels), indent=2, default=float))
+    _print_json(annotation_stats(ann, labels), indent=2)
 
 
 def train_run(images, annotations, output, config=None, overrides=(), test_images=None,
               resume=False, image_size=None, limit=None, mlflow=True, progress=True,
               run_name=None, log=print) -> dict:
-    """The `train` command as a function (used by the CLI, quickstart, jobs and Tune)."""
-    from coreg_ray.config import Config
-    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg
-    from coreg_ray.data import annotation_stats, load_run_inputs
-    from coreg_ray.data.annotations import ensemble_prediction
+    """The `train` command as a function (used by the CLI, quickstart, jobs and Tune).
 
-    out = Path(output)
+    Checks everything first: the output folder, the config, the tables against each other;
+    only then writes (config.yaml, then checkpoints, model.pt, metrics.json)."""
+    from coreg_ray.config import Config
+    from coreg_ray.coreg.models import build_model
+    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg, check_training_inputs
+    from coreg_ray.data import annotation_stats, load_run_inputs
+
+    out = check_output_dir(output, "output folder")
     cfg_path = out / "config.yaml"
     if resume and cfg_path.exists() and config is None and not overrides:
         config = cfg_path  # resume with the run's own resolved config
@@ -130,7 +141,10 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
     train, test, ann = load_run_inputs(images, annotations, test_images,
                                        image_size or cfg.data.image_size, limit)
+    checked = check_training_inputs(cfg, train, ann, test)
+    build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
     stats = annotation_stats(ann, train.labels)
+    # ---- everything checked: from here on the run writes
     out.mkdir(parents=True, exist_ok=True)
     if not (resume and (out / CHECKPOINT).exists()):
         cfg.save(cfg_path)
@@ -193,7 +207,7 @@ def cmd_train(args):
                   mlflow=not args.no_mlflow, run_name=args.run_name)
     show = {k: m[k] for k in ("test_accuracy", "annotator_accuracy", "partial_accuracy",
                               "avg_candidates", "epochs", "seconds") if k in m}
-    print(json.dumps(show, default=float))
+    _print_json(show)
 
 
 def cmd_tune(args):
@@ -202,12 +216,11 @@ def cmd_tune(args):
     s = run_sweep(args.config, args.output, args.set or [], args.num_samples,
                   mlflow=not args.no_mlflow)
     best = s["best"]
-    print(json.dumps({"best_trial": best["trial_id"], s["metric"]: best[s["metric"]],
-                      "best_params": best["params"], "ranking": s["ranking"],
-                      "trials_completed": s["trials_completed"],
-                      "trials_stopped_early": s["trials_stopped_early"],
-                      "wall_seconds": s["wall_seconds"], "best_model": s["best_model"]},
-                     default=float))
+    _print_json({"best_trial": best["trial_id"], s["metric"]: best[s["metric"]],
+                 "best_params": best["params"], "ranking": s["ranking"],
+                 "trials_completed": s["trials_completed"],
+                 "trials_stopped_early": s["trials_stopped_early"],
+                 "wall_seconds": s["wall_seconds"], "best_model": s["best_model"]})
 
 
 def cmd_annotate(args):
@@ -221,7 +234,7 @@ def cmd_annotate(args):
                          on_bad_image="fail" if args.fail_on_bad_image else "skip",
                          restart=args.restart, engine=args.engine)
     keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy", "skipped")
-    print(json.dumps({k: rep[k] for k in keys if k in rep}, default=float))
+    _print_json({k: rep[k] for k in keys if k in rep})
 
 
 def cmd_evaluate(args):
@@ -231,7 +244,7 @@ def cmd_evaluate(args):
     clf = Classifier.load(args.model, args.device)
     table = load_image_table(args.images, None, args.limit, classes=None)
     res = clf.evaluate(table)
-    print(json.dumps(res, indent=2, default=float))
+    _print_json(res, indent=2)
 
 
 def cmd_experiment(args):

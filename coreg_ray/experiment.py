@@ -958,9 +958,9 @@ def _json_default(v):
 
 
 def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from coreg_ray.outputs import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _start_ray(log):
@@ -989,20 +989,19 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
     if parallel is not None and parallel < 1:
         raise CoregError(f"--parallel must be >= 1, got {parallel}")
     parallel = parallel or exp.parallel
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Nothing is written until the experiment, its output folder, every table and every
+    # setting's annotations have been checked: a bad input is one line and leaves OUTPUT as it was.
+    from coreg_ray.outputs import check_output_dir, check_output_file
+
+    out = check_output_dir(output_dir)
+    for name in ("results.jsonl", "experiment.yaml", "table.md", "table.csv"):
+        check_output_file(out / name)
     results_path = out / "results.jsonl"
-    if not resume and results_path.exists():
-        aside = out / time.strftime("results-%Y%m%d-%H%M%S.jsonl")
-        os.replace(results_path, aside)
-        log(f"--no-resume: earlier results moved to {aside}")
-    _write_atomic(out / "experiment.yaml",
-                  yaml.safe_dump(exp.to_dict(), sort_keys=False, allow_unicode=True))
 
     runs = exp.runs()
     fingerprints = {r["key"]: r["fingerprint"] for r in runs}
     latest: dict[str, dict] = {}
-    for rec in _read_results(results_path):  # the last record of a run wins
+    for rec in _read_results(results_path) if resume else []:  # the last record of a run wins
         if fingerprints.get(rec.get("key")) == rec.get("fingerprint"):
             latest[rec["key"]] = rec
     todo = [r for r in runs if latest.get(r["key"], {}).get("status") not in ("ok", "n/a")]
@@ -1096,6 +1095,15 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                          "avg_candidates": st.get("avg_candidates")}
         if ann.meta.get("annotator") and not s.annotator and s.kind == "annotations":
             annotator[s.name] = f"{ann.meta['annotator']} (table `{s.spec}`)"
+
+    # ---- everything checked: from here on the experiment writes
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and results_path.exists():
+        aside = out / time.strftime("results-%Y%m%d-%H%M%S.jsonl")
+        os.replace(results_path, aside)
+        log(f"--no-resume: earlier results moved to {aside}")
+    _write_atomic(out / "experiment.yaml",
+                  yaml.safe_dump(exp.to_dict(), sort_keys=False, allow_unicode=True))
 
     log(f"experiment {exp.name}: {len(runs)} runs ({len(exp.settings)} settings × "
         f"{len(exp.methods)} methods × {len(exp.shots)} shots × {len(exp.seeds)} seeds"

@@ -5,7 +5,6 @@ the test split, a student trained with the warm-up loss alone, and Co-Reg.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -31,8 +30,15 @@ def quickstart_config(epochs: int | None = None, seed: int = 0) -> Config:
 def run_quickstart(output="runs/quickstart", epochs=None, seed=0, mlflow=True, log=print) -> dict:
     from coreg_ray.cli import train_run
     from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table
+    from coreg_ray.outputs import check_output_dir, check_output_file, write_json_atomic, \
+        write_text_atomic
 
-    out = Path(output)
+    out = check_output_dir(output)  # before any work: a bad output is one line, nothing written
+    for sub in ("warmup", "coreg"):
+        check_output_dir(out / sub)
+    for name in ("summary.md", "summary.json"):
+        check_output_file(out / name)
+    quickstart_config(epochs, seed)  # a bad --epochs / --seed is one line before any work
     t0 = time.perf_counter()
     train = load_image_table("digits:train")
     test = load_image_table("digits:test")
@@ -67,7 +73,6 @@ def run_quickstart(output="runs/quickstart", epochs=None, seed=0, mlflow=True, l
     log("\n" + text + f"\n\ntotal {time.perf_counter() - t0:.0f} s; runs in {out}/")
     result = {"rows": [{"method": n, "test_accuracy": a, "seconds": s} for n, a, s in rows],
               "annotator_train": s_train, "annotator_test": s_test}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=float))
+    write_text_atomic(out / "summary.md", text + "\n")
+    write_json_atomic(out / "summary.json", result)
     return result

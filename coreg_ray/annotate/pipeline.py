@@ -444,6 +444,19 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         if set(kinds) == {"llava"} and templates is not None and llava_opts.templates is None:
             llava_opts.templates = templates  # the only templates given are the LLaVA ones
 
+    # The places it writes are checked before anything is read or computed (one line each).
+    from coreg_ray.outputs import check_output_dir, check_output_file
+
+    output = check_output_file(output, "--output", " (give the annotation table's file name, "
+                               "e.g. DIR/annotations.parquet)")
+    parts_root = output.with_name(output.name + ".parts")
+    check_output_dir(parts_root, "shard folder")
+    if report is not None:
+        from coreg_ray.annotate.report import report_paths
+
+        for rp in report_paths(report):
+            check_output_file(rp, "--report")
+
     files = input_files(images_path)
     source = str(images_path)
     ids, labels = read_index(files)
@@ -473,8 +486,6 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
             preps.append(llava_mod.resolve_llava_preprocess(ls, image_size))
             tpls.append(llava_settings["templates"])
     plan = _Plan(ids, shard_size)
-    output = Path(output)
-    parts_root = output.with_name(output.name + ".parts")
     if restart and parts_root.exists():
         shutil.rmtree(parts_root)
     ids_hash = hashlib.sha1(ids.tobytes()).hexdigest()
@@ -496,7 +507,9 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
             raise CoregError(f"{parts_root} holds shards made with other settings ({', '.join(diff)}); "
                              "use the same settings to resume, or restart=True (--restart) to start over")
     parts_root.mkdir(parents=True, exist_ok=True)
-    plan_file.write_text(json.dumps(dict(settings, files=[str(f) for f in files]), indent=1))
+    from coreg_ray.outputs import write_text_atomic
+
+    write_text_atomic(plan_file, json.dumps(dict(settings, files=[str(f) for f in files]), indent=1))
 
     c = len(classes)
     ray_mod, started_ray, res, all_res = None, False, None, []

@@ -7,7 +7,6 @@ template's zero-shot accuracy, a per-class breakdown and the most common confusi
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -131,10 +130,9 @@ def report_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def write_report(report: dict, path: str | os.PathLike) -> tuple[Path, Path]:
+    from coreg_ray.outputs import to_json, write_text_atomic
+
     jp, mp = report_paths(path)
-    jp.parent.mkdir(parents=True, exist_ok=True)
-    for p, text in ((jp, json.dumps(report, indent=2)), (mp, to_markdown(report))):
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+    for p, text in ((jp, to_json(report, indent=2)), (mp, to_markdown(report))):
+        write_text_atomic(p, text)
     return jp, mp

@@ -42,7 +42,7 @@ from coreg_ray.coreg.models import build_model
 from coreg_ray.data.annotations import AnnotationTable, check_candidates
 from coreg_ray.data.augment import DeviceAugment, channel_stats
 from coreg_ray.data.noise import apply_few_shot, few_shot_indices
-from coreg_ray.data.tables import ImageTable
+from coreg_ray.data.tables import ImageTable, classes_differ, describe_classes
 from coreg_ray.errors import CoregError
 from coreg_ray import safeload
 
@@ -127,42 +127,73 @@ class TrainingData:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def prepare_training_data(cfg: Config, train: ImageTable, annotations,
-                          test: ImageTable | None) -> TrainingData:
-    """Check the tables against each other and move them to the device (one copy, uint8)."""
+@dataclass
+class CheckedInputs:
+    """What `check_training_inputs` found: the training device, the candidate matrix and soft
+    targets aligned to the training ids (before few-shot), the few-shot rows and the working
+    image size."""
+    device: torch.device
+    candidates: np.ndarray
+    probs: np.ndarray | None
+    trusted_index: np.ndarray
+    size: int
+
+
+def check_training_inputs(cfg: Config, train: ImageTable, annotations,
+                          test: ImageTable | None) -> CheckedInputs:
+    """Everything about a run's inputs that can be checked without training: the device, the
+    annotations against the images, the test table against the training table, few-shot.
+    `train` calls it before it writes anything; `prepare_training_data` starts with it."""
     device = resolve_device(cfg.train.device)
     prec = cfg.train.precision
     if prec not in ("auto", "bf16", "fp32"):
         raise CoregError(f"train.precision must be auto, bf16 or fp32, got {prec}")
-    bf16 = (prec == "bf16") or (prec == "auto" and device.type == "cuda")
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    if device.type == "cuda":
-        # batch shapes repeat every step (equal P/U batches), so autotuned kernels pay off
-        torch.backends.cudnn.benchmark = True
     probs = None
     if isinstance(annotations, AnnotationTable):
         ann = annotations.align_to(train.ids, "annotations")
         cand, probs = ann.candidates, ann.probs
     else:
         cand = np.asarray(annotations, bool)
-        if cand.shape[0] != len(train):
+        if cand.ndim != 2 or cand.shape[0] != len(train):
             raise CoregError(f"candidates have {cand.shape[0]} rows, images {len(train)}")
     if cand.shape[1] != train.num_classes:
         raise CoregError(f"annotations have {cand.shape[1]} classes, images "
                          f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
     check_candidates(cand, train.ids, "annotations")
     trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
+    if test is not None:
+        name = f"test table {test.source}" if test.source else "test table"
+        if test.num_classes != train.num_classes:
+            raise CoregError(f"{name} has {test.num_classes} classes, the training table "
+                             f"{train.num_classes}: test on a table of the same classes")
+        if classes_differ(train.classes, test.classes):
+            raise CoregError(f"{name} has other class names than the training table "
+                             f"({describe_classes(test.classes)} vs "
+                             f"{describe_classes(train.classes)})")
+        if test.labels is None:
+            raise CoregError("test table has no labels: nothing to measure accuracy against")
+    size = cfg.data.image_size or train.image_size
+    return CheckedInputs(device, cand, probs, trusted_index, size)
+
+
+def prepare_training_data(cfg: Config, train: ImageTable, annotations,
+                          test: ImageTable | None) -> TrainingData:
+    """Check the tables against each other and move them to the device (one copy, uint8)."""
+    checked = check_training_inputs(cfg, train, annotations, test)
+    device, cand, probs, size = checked.device, checked.candidates, checked.probs, checked.size
+    prec = cfg.train.precision
+    bf16 = (prec == "bf16") or (prec == "auto" and device.type == "cuda")
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    if device.type == "cuda":
+        # batch shapes repeat every step (equal P/U batches), so autotuned kernels pay off
+        torch.backends.cudnn.benchmark = True
+    trusted_index = checked.trusted_index
     cand, trusted = apply_few_shot(cand, train.labels, trusted_index) \
         if len(trusted_index) else (cand, np.zeros(len(cand), bool))
-    size = cfg.data.image_size or train.image_size
     images = resize_images(train.images, size)
     mean, std = channel_stats(images)
     test_dev = None
     if test is not None:
-        if test.num_classes != train.num_classes:
-            raise CoregError(f"test table has {test.num_classes} classes, train {train.num_classes}")
-        if test.labels is None:
-            raise CoregError("test table has no labels: nothing to measure accuracy against")
         test_dev = (resize_images(test.images, size).to(device),
                     torch.as_tensor(test.labels, device=device))
     soft = None
@@ -171,7 +202,7 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
         if len(trusted_index):
             soft[torch.as_tensor(trusted_index, device=device)] = torch.as_tensor(
                 cand[trusted_index], dtype=torch.float32, device=device)
-    return TrainingData(
+    data = TrainingData(
         device=device, bf16=bf16, channels_last=channels_last, images=images.to(device),
         candidates=torch.as_tensor(cand, dtype=torch.float32, device=device),
         trusted=torch.as_tensor(trusted, device=device), trusted_index=trusted_index,
@@ -181,6 +212,7 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
                           cfg.train.seed, cfg.data.hflip),
         mean=mean, std=std, classes=list(train.classes), num_classes=train.num_classes,
         n=len(train), image_size=size)
+    return data
 
 
 @dataclass

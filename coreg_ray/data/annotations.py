@@ -8,13 +8,13 @@ In memory the candidates are a dense bool [N, C] matrix (what training uses).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from coreg_ray.errors import CoregError
+from coreg_ray.outputs import atomic_path, check_output_file
 
 META_KEY = b"coreg_ray"
 
@@ -82,8 +82,7 @@ def write_annotations(table: AnnotationTable, path: str | Path) -> None:
     import pyarrow.parquet as pq
 
     check_candidates(table.candidates, table.ids, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path, "annotation table")
     cand_lists = [np.flatnonzero(r).tolist() for r in table.candidates]
     cols = {
         "id": pa.array(table.ids, pa.int64()),
@@ -96,9 +95,8 @@ def write_annotations(table: AnnotationTable, path: str | Path) -> None:
     meta = dict(table.meta)
     meta["num_classes"] = table.num_classes
     arrow = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(arrow, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp)
 
 
 def read_annotations(path: str | Path, num_classes: int | None = None) -> AnnotationTable:

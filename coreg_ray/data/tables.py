@@ -226,8 +226,9 @@ def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from coreg_ray.outputs import atomic_path, check_output_file, write_text_atomic
+
+    path = check_output_file(path, "image table")
     blobs = []
     for img in table.images.permute(0, 2, 3, 1).numpy():
         buf = io.BytesIO()
@@ -236,10 +237,9 @@ def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> 
     cols = {"id": pa.array(table.ids, pa.int64()), "image": pa.array(blobs, pa.binary())}
     if table.labels is not None:
         cols["label"] = pa.array(table.labels, pa.int16())
-    tmp = path.with_suffix(".tmp.parquet")
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, path)
-    (path.parent / "classes.json").write_text(json.dumps(table.classes))
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    write_text_atomic(path.parent / "classes.json", json.dumps(table.classes))
 
 
 def _load_npz(path: Path, size, classes) -> ImageTable:
@@ -377,3 +377,24 @@ def _load_torchvision(spec: str, size, limit) -> ImageTable:
         labels.append(int(y))
     classes = list(getattr(ds, "classes", [str(i) for i in range(max(labels) + 1)]))
     return table_from_arrays(np.stack(arrays), np.asarray(labels), classes, None, size, spec)
+
+
+# ----------------------------------------------------------------------------- classes
+def _numbered(names) -> bool:
+    """Class names that are only positions ("0", "1", ...: a table without class names)."""
+    return list(names) == [str(i) for i in range(len(names))]
+
+
+def classes_differ(a, b) -> bool:
+    """Two class lists that cannot be the same classes: other counts, or other names where both
+    tables name their classes (a table without names, numbered "0".."C-1", matches by position)."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        return True
+    return a != b and not (_numbered(a) or _numbered(b))
+
+
+def describe_classes(names, show: int = 4) -> str:
+    names = list(names)
+    head = ", ".join(names[:show]) + (", ..." if len(names) > show else "")
+    return f"{len(names)} classes: {head}"

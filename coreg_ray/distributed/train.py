@@ -229,7 +229,9 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         raise CoregError(f"--workers must be >= 1, got {workers}")
     if gpus_per_worker < 0:
         raise CoregError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
-    out = Path(output)
+    from coreg_ray.outputs import check_output_dir
+
+    out = check_output_dir(output)  # nothing is written before every input is checked
     cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
     if run_name:
         cfg.tracking.run_name = run_name
@@ -242,7 +244,14 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         raise CoregError("test table has no labels: nothing to measure accuracy against")
     stats = annotation_stats(ann, train.labels)
     # Fail here, once, on what would otherwise fail on every worker and every restart.
+    import copy
+
     from coreg_ray.coreg.models import build_model
+    from coreg_ray.coreg.trainer import check_training_inputs
+
+    driver_cfg = copy.deepcopy(cfg)
+    driver_cfg.train.device = "cpu"  # the workers pick their own devices
+    check_training_inputs(driver_cfg, train, ann, test)
 
     build_model(cfg.model.backbone, train.num_classes, size or train.image_size, cfg.model.proj_dim)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,9 +307,10 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         if state["epoch"] != cfg.train.epochs - 1 or not (Path(d) / "model.pt").exists():
             raise CoregError(f"{storage}/{name}: the last checkpoint is epoch {state['epoch'] + 1}, "
                              f"config has {cfg.train.epochs} epochs (changed config on relaunch?)")
-        tmp = out / "model.pt.tmp"
-        shutil.copyfile(Path(d) / "model.pt", tmp)
-        os.replace(tmp, out / "model.pt")
+        from coreg_ray.outputs import atomic_path
+
+        with atomic_path(out / "model.pt") as tmp:
+            shutil.copyfile(Path(d) / "model.pt", tmp)
     history = state["history"]
     ray_info = state.get("ray") or {}
     final = history[-1] if history else {}

@@ -375,9 +375,11 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     if num_samples:
         sweep.num_samples = num_samples
     base_cfg = sweep.base_config()
-    out = Path(output or sweep.output)
-    out.mkdir(parents=True, exist_ok=True)
+    from coreg_ray.outputs import check_output_dir
+
+    out = check_output_dir(output or sweep.output)  # before the data is read: nothing written
     train, ann, test, held = load_sweep_data(sweep, image_size)
+    out.mkdir(parents=True, exist_ok=True)
     truth_key = "test_accuracy" if test is not None else ("val_accuracy" if train.labels is not None and len(held) else None)
     log(f"sweep: {sweep.num_samples} trials, {len(train) - len(held)} train / {len(held)} held-out "
         f"images, metric {sweep.metric} ({sweep.mode}), {base_cfg.train.epochs} epochs each")

@@ -1,0 +1,140 @@
+"""Output locations: checked before any work is done, written atomically, no temp file left.
+
+Every command that writes (`train`, `synth`, `simulate-annotator`, `annotate`, `experiment`,
+`quickstart`, `tune`) calls `check_output_dir` / `check_output_file` on each place it will
+write, after its arguments and before it reads its inputs, so a path that is a file, lies
+under a file or cannot be written is one `CoregError` line and nothing has been touched. The
+checks create nothing: they look at the path and at the first part of it that exists.
+
+Every file is then written through `atomic_path` (or `write_text_atomic` / `write_json_atomic`):
+a temp file `NAME.tmp` beside the target, renamed over it when complete, and removed on any
+failure (an exception, Ctrl-C, SIGTERM), so a failed command leaves neither a half-written file
+nor a `*.tmp`. An OS error while writing is one line naming the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from coreg_ray.errors import CoregError
+
+
+def _first_existing(p: Path) -> Path:
+    """`p` or its nearest ancestor that exists (as the OS resolves the path)."""
+    q = p
+    while not os.path.lexists(q) and q != q.parent:
+        q = q.parent
+    return q
+
+
+def _check_creatable(p: Path, what: str) -> None:
+    """`p` does not exist: its nearest existing ancestor must be a writable folder."""
+    anc = _first_existing(p.parent if str(p.parent) else Path("."))
+    if not anc.is_dir():
+        raise CoregError(f"{what} {p}: {anc} is a file, not a folder, so nothing can be "
+                         "written under it")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise CoregError(f"{what} {p}: cannot be written (no write permission in {anc})")
+
+
+def check_output_dir(path, what: str = "output folder") -> Path:
+    """A folder the command may write into: an existing writable folder, or a path whose
+    nearest existing ancestor is a writable folder. Creates nothing."""
+    p = Path(path)
+    if str(path).strip() == "":
+        raise CoregError(f"{what}: empty path")
+    if p.exists():
+        if not p.is_dir():
+            raise CoregError(f"{what} {p}: is a file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CoregError(f"{what} {p}: cannot be written (no write permission)")
+        return p
+    if os.path.lexists(p):  # a dangling symlink
+        raise CoregError(f"{what} {p}: is a broken link")
+    _check_creatable(p, what)
+    return p
+
+
+def check_output_file(path, what: str = "output file", hint: str = "") -> Path:
+    """A file the command may (over)write: not a folder; an existing file must be writable,
+    a new one creatable. `hint` is added when the path is a folder (e.g. the name to give).
+    Creates nothing."""
+    p = Path(path)
+    if str(path).strip() == "":
+        raise CoregError(f"{what}: empty path")
+    if p.is_dir():
+        raise CoregError(f"{what} {p}: is a folder, not a file{hint}")
+    if p.exists():
+        if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
+            raise CoregError(f"{what} {p}: cannot be written (no write permission)")
+        return p
+    _check_creatable(p, what)
+    return p
+
+
+def tmp_path(path) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".tmp")
+
+
+@contextmanager
+def atomic_path(path):
+    """`with atomic_path(p) as tmp: write(tmp)`: the parent folder is created, `tmp` is renamed
+    over `p` when the block completes and removed if it fails (whatever the exception)."""
+    p = Path(path)
+    tmp = tmp_path(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, p)
+    except OSError as exc:
+        _unlink(tmp)
+        raise CoregError(f"{p}: cannot be written ({exc.strerror or exc})") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def finite_or_none(obj):
+    """`obj` with every NaN/inf float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # NumPy / torch scalars
+        return finite_or_none(obj.item())
+    return obj
+
+
+def to_json(data, indent=None) -> str:
+    """Strict JSON: non-finite numbers become null (never the invalid `NaN`)."""
+    return json.dumps(finite_or_none(data), indent=indent, default=_default, allow_nan=False)
+
+
+def _default(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f if math.isfinite(f) else None
+
+
+def write_json_atomic(path, data, indent: int | None = 2) -> None:
+    write_text_atomic(path, to_json(data, indent))
