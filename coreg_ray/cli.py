@@ -122,18 +122,28 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
               run_name=None, log=print) -> dict:
     """The `train` command as a function (used by the CLI, quickstart, jobs and Tune).
 
-    Checks everything first: the output folder, the config, the tables against each other;
-    only then writes (config.yaml, then checkpoints, model.pt, metrics.json)."""
+    Checks everything first: the output folder, the config, a checkpoint to resume (complete,
+    made with this model on these data), the tables against each other; only then writes
+    (config.yaml, then checkpoints, model.pt, metrics.json). `resume`: continue from
+    OUTPUT/checkpoint.pt with the run's own config (the checkpoint's, else OUTPUT/config.yaml;
+    `config` replaces it, `overrides` apply on top, e.g. train.epochs=60 to train longer)."""
     from coreg_ray.config import Config
     from coreg_ray.coreg.models import build_model
-    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg, check_training_inputs
+    from coreg_ray.coreg.trainer import (CHECKPOINT, CoReg, check_checkpoint,
+                                         check_training_inputs, read_checkpoint)
     from coreg_ray.data import annotation_stats, load_run_inputs
 
     out = check_output_dir(output, "output folder")
-    cfg_path = out / "config.yaml"
-    if resume and cfg_path.exists() and config is None and not overrides:
-        config = cfg_path  # resume with the run's own resolved config
-    cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
+    cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT
+    state = read_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if isinstance(config, Config):
+        cfg = config
+    elif config is None and state is not None:  # the config the run was training with
+        cfg = Config.load(None, list(overrides), base=state["config"])
+    elif config is None and resume and cfg_path.exists():
+        cfg = Config.load(cfg_path, list(overrides))
+    else:
+        cfg = Config.load(config, list(overrides))
     if run_name:
         cfg.tracking.run_name = run_name
     if not mlflow:
@@ -142,12 +152,13 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     train, test, ann = load_run_inputs(images, annotations, test_images,
                                        image_size or cfg.data.image_size, limit)
     checked = check_training_inputs(cfg, train, ann, test)
+    if state is not None:
+        check_checkpoint(state, str(ckpt_path), checked.fingerprint, cfg)
     build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
     stats = annotation_stats(ann, train.labels)
     # ---- everything checked: from here on the run writes
     out.mkdir(parents=True, exist_ok=True)
-    if not (resume and (out / CHECKPOINT).exists()):
-        cfg.save(cfg_path)
+    cfg.save(cfg_path)
     callbacks, run = [], None
     if cfg.tracking.mlflow:
         from coreg_ray.distributed.tracking import MLflowRun
@@ -157,7 +168,7 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
     t0 = time.perf_counter()
     try:
-        final = trainer.fit(train, ann, test, out, resume=resume)
+        final = trainer.fit(train, ann, test, out, resume=state if state is not None else resume)
     except KeyboardInterrupt:
         if run:
             run.__exit__(KeyboardInterrupt, None, None)

@@ -286,8 +286,11 @@ class Config:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
-        data = load_yaml_mapping(path, "config file", "a mapping of sections") if path else {}
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
+             base: dict | None = None) -> "Config":
+        """The config of `path` (YAML; else `base`, a `to_dict()` mapping; else the defaults)
+        with `section.key=value` overrides on top."""
+        data = load_yaml_mapping(path, "config file", "a mapping of sections") if path else base or {}
         cfg = cls.from_dict(data)
         for item in overrides or []:
             if "=" not in item:

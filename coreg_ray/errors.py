@@ -21,3 +21,11 @@ def require(module: str, extra: str):
         raise CoregError(
             f"'{module}' is not installed: pip install 'coreg-ray[{extra}]' ({exc})"
         ) from exc
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (`note: ...`): something the user should know that is not an
+    error (e.g. how many images of a table were resized)."""
+    import sys
+
+    print(f"note: {message}", file=sys.stderr)

@@ -49,9 +49,12 @@ def load_state(path, map_location="cpu", what: str = "model/checkpoint",
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # the weights-only unpickler refused something
+        if re.search(r"Unsupported operand|invalid load key", str(exc)):  # not a pickle at all
+            raise CoregError(f"{p}: not a coreg-ray {what}: not a file torch wrote") from None
         name = _refused_global(exc)
         detail = f" (it would load {name})" if name else ""
         raise CoregError(f"{p}: not a coreg-ray {what}, or it contains code: refused{detail}") from None
     except Exception as exc:  # truncated, not a torch file, ...
-        first = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CoregError(f"{p}: not a readable coreg-ray {what} ({first})") from None
+        first = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
+        raise CoregError(f"{p}: not a readable coreg-ray {what}: truncated, or not a file "
+                         f"torch wrote ({first})") from None

@@ -130,13 +130,28 @@ class TrainingData:
 @dataclass
 class CheckedInputs:
     """What `check_training_inputs` found: the training device, the candidate matrix and soft
-    targets aligned to the training ids (before few-shot), the few-shot rows and the working
-    image size."""
+    targets aligned to the training ids (before few-shot), the few-shot rows, the working image
+    size and the data fingerprint a checkpoint is tied to."""
     device: torch.device
     candidates: np.ndarray
     probs: np.ndarray | None
     trusted_index: np.ndarray
     size: int
+    fingerprint: dict
+
+
+def data_fingerprint(train: ImageTable, candidates: np.ndarray, size: int) -> dict:
+    """What a checkpoint was made on: row count, ids, image content, working size, classes and
+    candidate sets (hashes, so the checkpoint stays small). Resume compares it field by field."""
+    import hashlib
+
+    def sha(a) -> str:
+        a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+        return hashlib.sha1(a.view(np.uint8).reshape(-1).data).hexdigest()[:16]
+
+    return {"rows": int(len(train)), "ids": sha(train.ids.astype(np.int64)),
+            "images": sha(train.images), "image_size": int(size),
+            "classes": list(train.classes), "candidates": sha(np.asarray(candidates, bool))}
 
 
 def check_training_inputs(cfg: Config, train: ImageTable, annotations,
@@ -173,7 +188,8 @@ def check_training_inputs(cfg: Config, train: ImageTable, annotations,
         if test.labels is None:
             raise CoregError("test table has no labels: nothing to measure accuracy against")
     size = cfg.data.image_size or train.image_size
-    return CheckedInputs(device, cand, probs, trusted_index, size)
+    return CheckedInputs(device, cand, probs, trusted_index, size,
+                         data_fingerprint(train, cand, size))
 
 
 def prepare_training_data(cfg: Config, train: ImageTable, annotations,
@@ -212,7 +228,62 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
                           cfg.train.seed, cfg.data.hflip),
         mean=mean, std=std, classes=list(train.classes), num_classes=train.num_classes,
         n=len(train), image_size=size)
+    data.fingerprint = checked.fingerprint  # what a checkpoint of this run is tied to
     return data
+
+
+# Keys every Co-Reg checkpoint has had; a file without them is truncated or something else.
+CHECKPOINT_KEYS = ("epoch", "config", "nets", "key_nets", "opts", "history")
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file, read safely (`safeload`, weights only) and checked in outline: one
+    line for a truncated, foreign or incomplete file."""
+    state = safeload.load_state(path, "cpu", "checkpoint")
+    check_checkpoint(state, str(path))
+    return state
+
+
+def check_checkpoint(state, where: str, fingerprint: dict | None = None,
+                     cfg: Config | None = None) -> None:
+    """One line if `state` is not a complete Co-Reg checkpoint, was made with another model
+    (`cfg`'s model section) or on other data (`fingerprint` of this run's tables, see
+    `data_fingerprint`; checkpoints from before fingerprints are not compared)."""
+    if not isinstance(state, dict):
+        raise CoregError(f"{where}: not a coreg-ray checkpoint (holds a {type(state).__name__})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or not isinstance(state["epoch"], int) or not isinstance(state["nets"], (list, tuple)) \
+            or len(state["nets"]) != 2 or not isinstance(state["config"], dict):
+        what = f"missing {', '.join(missing)}" if missing else "malformed"
+        raise CoregError(f"{where}: not a complete coreg-ray checkpoint ({what}): truncated or "
+                         "from another program; train into a new --output (or without --resume)")
+    if cfg is not None:
+        made = state["config"].get("model") or {}
+        now = cfg.to_dict()["model"]
+        diff = [f"model.{k}={made[k]} (this run: {now[k]})" for k in now
+                if k in made and made[k] != now[k]]
+        if diff:
+            raise CoregError(f"{where} was made with {', '.join(diff)}: resume with the run's own "
+                             "config (no --config, no --set model.*), or train into a new --output")
+    made = state.get("data")
+    if fingerprint is not None and isinstance(made, dict):
+        diffs = []
+        if made.get("rows") != fingerprint["rows"]:
+            diffs.append(f"{made.get('rows')} rows, this run {fingerprint['rows']}")
+        if made.get("image_size") != fingerprint["image_size"]:
+            o, n = made.get("image_size"), fingerprint["image_size"]
+            diffs.append(f"{o}x{o} images, this run {n}x{n}")
+        if made.get("classes") != fingerprint["classes"]:
+            diffs.append(f"{describe_classes(made.get('classes') or [])}, this run "
+                         f"{describe_classes(fingerprint['classes'])}")
+        if not diffs:
+            diffs += [f"other {what}" for key, what in (("ids", "image ids"),
+                                                          ("images", "images"),
+                                                          ("candidates", "candidate sets"))
+                      if made.get(key) != fingerprint[key]]
+        if diffs:
+            raise CoregError(f"{where} was made on other data ({'; '.join(diffs)}): resume with "
+                             "the inputs it was made on, or train into a new --output")
 
 
 @dataclass
@@ -296,7 +367,10 @@ class CoReg:
 
     # ------------------------------------------------------------------------ the loop
     def fit(self, train: ImageTable, annotations, test: ImageTable | None = None,
-            output_dir: str | os.PathLike | None = None, resume: bool = False) -> dict:
+            output_dir: str | os.PathLike | None = None, resume: bool | dict = False) -> dict:
+        """resume: True continues from OUTPUT/checkpoint.pt if there is one; a dict is a
+        checkpoint already read with `read_checkpoint`. Either is checked against this run's
+        model and data first (one line if it was made for others)."""
         cfg = self.cfg
         if cfg.train.warmup_epochs > cfg.train.epochs:
             raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
@@ -305,7 +379,10 @@ class CoReg:
         self.output_dir = Path(output_dir) if output_dir else None
         if self.output_dir and self.comm.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.output_dir and (self.output_dir / CHECKPOINT).exists():
+        if isinstance(resume, dict):  # a checkpoint the caller already read (read_checkpoint)
+            self.load_state(resume, str(self.output_dir / CHECKPOINT) if self.output_dir
+                            else "checkpoint")
+        elif resume and self.output_dir and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)
         bar = None
         if self.progress:
@@ -658,6 +735,7 @@ class CoReg:
             "div_history": self.div_history, "pred_table": self.pred_table,
             "split_w": self.split_w, "scores": self.scores, "history": self.history, "elapsed": self.elapsed,
             "torch_rng": torch.get_rng_state(),
+            "data": getattr(self.data, "fingerprint", None),  # what it was made on (resume checks)
         }
 
     def save_checkpoint(self, path: Path, epoch: int) -> None:
@@ -669,10 +747,20 @@ class CoReg:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path) -> None:
-        state = safeload.load_state(path, self.device, "checkpoint")
-        self.load_state(state)
+        self.load_state(read_checkpoint(path), str(path))
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, where: str = "checkpoint") -> None:
+        """Restore a checkpoint after checking it was made for this model and data (one line
+        if not, or if its contents do not fit)."""
+        check_checkpoint(state, where, getattr(self.data, "fingerprint", None), self.cfg)
+        try:
+            self._load_state(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise CoregError(f"{where}: its contents do not fit this run ({type(exc).__name__}: "
+                             f"{first}); train into a new --output") from None
+
+    def _load_state(self, state: dict) -> None:
         for net, sd in zip(self.raw_nets, state["nets"]):
             net.load_state_dict(sd)
         for net, sd in zip(self.key_nets, state["key_nets"]):
@@ -710,32 +798,54 @@ class CoReg:
 class Classifier:
     """A trained model (`model.pt`): predicts with the sum of both networks' logits."""
 
-    def __init__(self, state: dict, device="auto"):
-        self.device = resolve_device(device)
+    # what `CoReg.export` writes; a file with the tag but without these is incomplete
+    KEYS = ("backbone", "num_classes", "classes", "image_size", "proj_dim", "mean", "std", "nets")
+
+    def __init__(self, state: dict, device="auto", source: str = "model"):
+        check_model_state(state, source)
+        self.device = check_device(device)
         self.state = state
-        self.classes = state["classes"]
+        self.source = source
+        self.classes = list(state["classes"])
         self.image_size = state["image_size"]
         self.nets = []
-        for sd in state["nets"]:
-            net = build_model(state["backbone"], state["num_classes"], state["image_size"],
-                              state["proj_dim"]).to(self.device)
-            net.load_state_dict(sd)
-            self.nets.append(net.eval())
-        self.mean = torch.tensor(state["mean"], device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(state["std"], device=self.device).view(1, -1, 1, 1)
+        try:
+            for sd in state["nets"]:
+                net = build_model(state["backbone"], state["num_classes"], state["image_size"],
+                                  state["proj_dim"]).to(self.device)
+                net.load_state_dict(sd)
+                self.nets.append(net.eval())
+            self.mean = torch.tensor(state["mean"], device=self.device).view(1, -1, 1, 1)
+            self.std = torch.tensor(state["std"], device=self.device).view(1, -1, 1, 1)
+        except CoregError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise CoregError(f"{source}: its weights do not fit its {state['backbone']} model "
+                             f"({type(exc).__name__}: {first})") from None
 
     @classmethod
     def load(cls, path, device="auto") -> "Classifier":
         path = Path(path)
-        if not path.exists():
-            raise CoregError(f"model not found: {path}")
-        try:
-            state = safeload.load_state(path, "cpu", "model")
-        except Exception as exc:
-            raise CoregError(f"{path}: not a readable model file ({exc})")
-        if not isinstance(state, dict) or state.get("format") != "coreg-ray/1":
-            raise CoregError(f"{path}: not a coreg-ray model (expected format coreg-ray/1)")
-        return cls(state, device)
+        check_device(device)  # a bad --device is one line before the file is even read
+        state = safeload.load_state(path, "cpu", "model")  # one line for any unreadable file
+        return cls(state, device, str(path))
+
+    def check_table(self, table: ImageTable) -> None:
+        """One line if the table is not one this model can be scored on: no labels, or other
+        classes (count, or names where both name them). Other image sizes are resized (a note
+        says so)."""
+        if table.labels is None:
+            raise CoregError(f"{table.source}: no labels to evaluate against")
+        if classes_differ(self.classes, table.classes):
+            raise CoregError(f"{table.source}: {describe_classes(table.classes)}, but "
+                             f"{self.source} was trained for {describe_classes(self.classes)}: "
+                             "evaluate it on a table of its classes")
+        if table.image_size != self.image_size:
+            from coreg_ray.errors import note
+
+            note(f"{table.source}: images are {table.image_size}x{table.image_size}, "
+                 f"{self.source} was trained on {self.image_size}x{self.image_size}: resized")
 
     @torch.no_grad()
     def logits(self, images_uint8: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -750,12 +860,38 @@ class Classifier:
         return self.logits(images_uint8).argmax(1).numpy()
 
     def evaluate(self, table: ImageTable) -> dict:
-        if table.labels is None:
-            raise CoregError(f"{table.source}: no labels to evaluate against")
-        if table.num_classes != len(self.classes):
-            raise CoregError(f"{table.source}: {table.num_classes} classes, model {len(self.classes)}")
+        self.check_table(table)
         pred = self.predict(table.images)
         per_class = {self.classes[c]: float((pred[table.labels == c] == c).mean())
                      for c in range(len(self.classes)) if (table.labels == c).any()}
         return {"accuracy": float((pred == table.labels).mean()), "images": len(table),
                 "per_class_accuracy": per_class}
+
+
+def check_device(name) -> torch.device:
+    """`resolve_device` with a bad name as one line (the values `train.device` accepts)."""
+    valid = Config.valid_values()["train.device"][1]
+    if not valid.ok(name):
+        raise CoregError(f"device {name!r}: not a device (valid: {valid})")
+    return resolve_device(name)
+
+
+def check_model_state(state, source: str = "model") -> None:
+    """One line unless `state` is a complete `model.pt` (`CoReg.export`)."""
+    if not isinstance(state, dict) or state.get("format") != "coreg-ray/1":
+        raise CoregError(f"{source}: not a coreg-ray model (expected format coreg-ray/1)")
+    missing = [k for k in Classifier.KEYS if k not in state]
+    if missing:
+        raise CoregError(f"{source}: incomplete coreg-ray model (missing {', '.join(missing)})")
+    classes, nets = state["classes"], state["nets"]
+    bad = None
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        bad = "classes is not a list of names"
+    elif not isinstance(state["num_classes"], int) or state["num_classes"] != len(classes):
+        bad = f"num_classes {state['num_classes']!r} but {len(classes)} class names"
+    elif not isinstance(state["image_size"], int) or state["image_size"] < 1:
+        bad = f"image_size {state['image_size']!r}"
+    elif not isinstance(nets, (list, tuple)) or not nets or not all(isinstance(n, dict) for n in nets):
+        bad = "nets is not a list of state dicts"
+    if bad:
+        raise CoregError(f"{source}: malformed coreg-ray model ({bad})")
