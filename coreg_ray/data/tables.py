@@ -9,7 +9,10 @@ Sources (`load_image_table(spec)`):
 - `torchvision:NAME:ROOT[:test]`: a torchvision dataset already on disk (never downloads).
 
 Images are decoded once; grayscale/RGBA become RGB; differently sized or non-square images are
-letterboxed (resized keeping aspect, then padded) to `image_size`.
+letterboxed (resized keeping aspect, then padded) to the working size: `image_size` when given
+(the configured `data.image_size` / `--image-size`), else the most common size in the table, so
+one odd image never sets the size of all the others. How many images of a mixed-size table
+were resized is said in one note on stderr (and kept in `table.meta["resized"]`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coreg_ray.errors import CoregError
+from coreg_ray.errors import CoregError, note
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -102,7 +105,7 @@ def _to_rgb_array(img, size: int | None):
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_images(blobs, ids, size: int | None, source: str) -> torch.Tensor:
+def decode_images(blobs, ids, size: int | None, source: str, meta: dict | None = None) -> torch.Tensor:
     """Decode encoded images (bytes) into uint8 [N,3,H,W]; a bad blob fails naming its id."""
     from PIL import Image
 
@@ -110,27 +113,51 @@ def decode_images(blobs, ids, size: int | None, source: str) -> torch.Tensor:
         try:
             with Image.open(io.BytesIO(blobs[i])) as im:
                 im.load()
-                return _to_rgb_array(im, size)
+                return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:  # PIL raises many types for corrupt data
             raise CoregError(f"{source}: image of row id {ids[i]} cannot be decoded "
                              f"({type(exc).__name__}: {exc})") from None
 
-    return _stack(decode, len(blobs), size, source, ids)
+    return _stack(decode, len(blobs), size, source, ids, meta)
 
 
-def _stack(decode, n, size, source, ids):
+def working_size(shapes) -> int:
+    """The side images of these (h, w) shapes are brought to when no size is asked for: that of
+    the most common shape (ties: the smaller side), the longer side if it is not square."""
+    from collections import Counter
+
+    counts = Counter((int(h), int(w)) for h, w in shapes)
+    (h, w), _ = min(counts.items(), key=lambda kv: (-kv[1], max(kv[0])))
+    return max(h, w)
+
+
+def _stack(decode, n, size, source, ids, meta: dict | None = None):
+    """Run `decode(i) -> (HxWx3 uint8 array, (h, w) as stored)` over all rows and stack them at
+    the working size (`size`, else the most common one); the odd ones are letterboxed to it and
+    counted: one note on stderr says how many, `meta["resized"]` keeps the number."""
     if n == 0:
         raise CoregError(f"{source}: no images")
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(pool.map(decode, range(n), chunksize=256))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1 or next(iter(shapes))[0] != next(iter(shapes))[1]:
-        if size is not None:  # cannot happen: every image was letterboxed to `size`
-            raise CoregError(f"{source}: images of mixed sizes after resizing")
-        # Mixed or non-square sizes and no size asked for: letterbox to the largest side seen.
-        target = max(max(s[0], s[1]) for s in shapes)
-        return _stack(lambda i: _letterbox(arrays[i], target), n, target, source, ids)
+        decoded = list(pool.map(decode, range(n), chunksize=256))
+    arrays = [a for a, _ in decoded]
+    stored = [s for _, s in decoded]
+    target = size if size is not None else working_size(stored)
+    odd = [i for i in range(n) if arrays[i].shape[:2] != (target, target)]
+    for i in odd:  # only without a size: with one, decode already letterboxed every image
+        arrays[i] = _letterbox(arrays[i], target)
+    resized = sum(s != (target, target) for s in stored)
+    kinds = len(set(stored))
+    if meta is not None:
+        meta["resized"] = resized
+    if kinds > 1:
+        why = "the size asked for" if size is not None else \
+            "the most common size; set data.image_size or --image-size to choose"
+        note(f"{source}: images of {kinds} sizes; {resized} of {n} resized to "
+             f"{target}x{target} ({why})")
+    elif resized and size is None:
+        h, w = stored[0]
+        note(f"{source}: all {n} images are {w}x{h} (not square): letterboxed to {target}x{target}")
     out = np.stack(arrays)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -216,8 +243,9 @@ def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
         if labels is None:
             raise CoregError(f"{path}: no classes.json beside it and no labels: pass class names")
         names = [str(i) for i in range(int(labels.max()) + 1)]
-    images = decode_images(blobs, ids, size, str(path))
-    return ImageTable(images, ids, labels, names, str(path))
+    meta = {}
+    images = decode_images(blobs, ids, size, str(path), meta)
+    return ImageTable(images, ids, labels, names, str(path), meta)
 
 
 def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> None:
@@ -341,12 +369,13 @@ def _load_folder(path: Path, size, limit, classes) -> ImageTable:
         try:
             with Image.open(files[i]) as im:
                 im.load()
-                return _to_rgb_array(im, size)
+                return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:
             raise CoregError(f"{files[i]}: cannot be decoded ({type(exc).__name__}: {exc})") from None
 
-    images = _stack(decode, len(files), size, str(path), ids)
-    table = ImageTable(images, ids, lab, list(names), str(path))
+    meta = {}
+    images = _stack(decode, len(files), size, str(path), ids, meta)
+    table = ImageTable(images, ids, lab, list(names), str(path), meta)
     table.meta["files"] = [str(f.relative_to(path)) for f in files]
     return table
 
