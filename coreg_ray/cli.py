@@ -1,19 +1,51 @@
 """`coreg-ray` command line: synth | simulate-annotator | report | train | evaluate | quickstart.
 
 Every user error is printed as one line (`coreg-ray: error: ...`) with exit status 2, and is
-found before anything is written: a command checks every place it will write
-(`coreg_ray.outputs`), then reads and checks its inputs, and only then writes, atomically, so
-a failed command leaves nothing half-written and no temp file.
+found before anything is written: a command checks its arguments (each option's valid values
+are declared with it, `_valid`), then every place it will write (`coreg_ray.outputs`), then
+reads and checks its inputs, and only then writes, atomically, so a failed command leaves
+nothing half-written and no temp file. SIGTERM stops a command like Ctrl-C (exit 143).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from coreg_ray.errors import CoregError
+from coreg_ray.config import SEED, Choices, Range
+from coreg_ray.errors import CoregError, Terminated
 from coreg_ray.outputs import check_output_dir, check_output_file, to_json, write_json_atomic
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message):
+        print(f"coreg-ray: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _valid(p, **checks):
+    """Declare the valid values of options of parser `p` (dest=Range/Choices/...); `check_args`
+    tests them, after parsing and before the command runs."""
+    p.set_defaults(_checks={**p.get_default("_checks"), **checks} if p.get_default("_checks")
+                   else checks)
+
+
+def check_args(args) -> None:
+    """One line for the first option whose value is outside its declared valid values."""
+    for dest, valid in (getattr(args, "_checks", None) or {}).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        for v in (value if isinstance(value, list) else [value]):
+            if not valid.ok(v):
+                flag = "--" + dest.replace("_", "-")
+                what = "is out of range" if isinstance(valid, Range) else "is not valid"
+                raise CoregError(f"{flag}: {v!r} {what} (valid: {valid})")
 
 
 def _add_images(p, required=True, name="--images", help="image table: .parquet, folder, .npz, "
@@ -24,6 +56,7 @@ def _add_images(p, required=True, name="--images", help="image table: .parquet, 
 def _common_table_args(p):
     p.add_argument("--image-size", type=int, default=None, help="resize/letterbox to this side")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    _valid(p, image_size=Range(4, 1024), limit=Range(1))
 
 
 def _write_json(path: Path, data: dict):
@@ -73,6 +106,10 @@ def cmd_simulate(args):
 
     if args.test_images and not args.test_output:
         raise CoregError("--test-images needs --test-output")
+    if args.test_output and not args.test_images:
+        raise CoregError("--test-output needs --test-images (the table to annotate)")
+    if bool(args.like) != bool(args.dataset):
+        raise CoregError("--like and --dataset go together (e.g. --like clip-vitb32 --dataset gtsrb)")
     hint = " (give the annotation table's file name)"
     check_output_file(args.output, "--output", hint)
     if args.test_output:
@@ -169,10 +206,11 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     t0 = time.perf_counter()
     try:
         final = trainer.fit(train, ann, test, out, resume=state if state is not None else resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         if run:
-            run.__exit__(KeyboardInterrupt, None, None)
-        print(f"interrupted: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
+            run.__exit__(type(exc), exc, None)
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
               f"continue with the same command plus --resume", file=sys.stderr)
         raise
     except BaseException as exc:
@@ -279,7 +317,7 @@ def cmd_quickstart(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="coreg-ray", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="coreg-ray", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="synthetic noisy candidate sets (ALIM/Co-Reg protocol)")
@@ -288,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, required=True, help="probability the truth is swapped out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
+    _valid(p, q=Range(0, 1), eta=Range(0, 1), seed=SEED)
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("simulate-annotator",
@@ -316,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--test-images", default=None, help="also annotate this table (same templates)")
     p.add_argument("--test-output", default=None)
+    _valid(p, like=Choices(_presets, "annotator preset"),
+           dataset=Choices(_preset_datasets, "dataset"),
+           partial_acc=Range(0, 1, True, True), avg_candidates=Range(1),
+           zero_shot=Range(0, 1, True, True), templates=Range(1), per_class=Range(1),
+           feature_fraction=Range(0, 1, lo_open=True), seed=SEED)
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("annotate", help="VLM candidate labels through Ray Data (CLIP)")
@@ -335,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-bad-image", action="store_true")
     p.add_argument("--restart", action="store_true", help="ignore finished shards")
     p.add_argument("--engine", default="ray", choices=["ray", "local"])
+    _valid(p, image_size=Range(4, 1024), batch_size=Range(1), actors=Range(1),
+           shard_size=Range(1))
     p.set_defaults(fn=cmd_annotate)
 
     p = sub.add_parser("report", help="statistics of an annotation table")
@@ -359,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Train checkpoints (default OUTPUT/ray; shared or s3:// on a cluster); "
                         "launching again with the same path and output resumes")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
+    _valid(p, workers=Range(0), gpus_per_worker=Range(0), max_failures=Range(-1))
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep (ASHA) over Co-Reg hyper-parameters")
@@ -368,13 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="default: the sweep file's output")
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--no-mlflow", action="store_true")
+    _valid(p, num_samples=Range(1))
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained model.pt on a labelled table")
     p.add_argument("--model", required=True)
     _add_images(p)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
+    _valid(p, limit=Range(1), device=_device_valid())
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("experiment",
@@ -388,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-resume", action="store_true",
                    help="run everything again (earlier results.jsonl is set aside)")
+    _valid(p, parallel=Range(1))
     p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("quickstart", help="embedded data -> simulated annotator -> Co-Reg -> table")
@@ -395,19 +445,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mlflow", action="store_true")
+    _valid(p, epochs=Range(1), seed=SEED)
     p.set_defaults(fn=cmd_quickstart)
     return ap
 
 
+def _presets():
+    from coreg_ray.annotate.simulated import PAPER_ANNOTATORS
+    return list(PAPER_ANNOTATORS)
+
+
+def _preset_datasets():
+    from coreg_ray.annotate.simulated import PAPER_ANNOTATORS
+    return sorted({d for a in PAPER_ANNOTATORS.values() for d in a["stats"]})
+
+
+def _device_valid():
+    from coreg_ray.config import Config
+    return Config.valid_values()["train.device"][1]
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line: _Parser.error)
+        return exc.code if isinstance(exc.code, int) else 2
+    # SIGTERM stops a command the way Ctrl-C does (checkpoint kept, MLflow run KILLED)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        check_args(args)
         args.fn(args)
     except CoregError as exc:
         print(f"coreg-ray: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        if main_thread:  # None: a handler not set from Python (restore the default)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

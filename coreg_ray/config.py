@@ -31,10 +31,16 @@ def load_yaml_mapping(path, what: str, expected: str = "a mapping") -> dict:
     """Read a YAML file that must hold a mapping; one-line errors name the file (`what` says
     which kind: "config file", "sweep file", ...). An empty file is an empty mapping."""
     p = Path(path)
+    if p.is_dir():
+        raise CoregError(f"{what} {p}: is a folder, not a YAML file")
     if not p.is_file():
         raise CoregError(f"{what} not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise CoregError(f"{what} {p} is not a text (YAML) file") from None
+    except OSError as exc:
+        raise CoregError(f"{what} {p} cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise CoregError(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(data, dict):

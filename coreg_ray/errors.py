@@ -13,6 +13,11 @@ class NotApplicable(CoregError):
     probabilities from a table that has none). Experiment tables show such cells as `n/a`."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (the CLI installs the handler), so a terminated run
+    stops exactly like an interrupted one: checkpoint kept, MLflow run marked KILLED."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or fail with a line naming the extra that provides it."""
     try:

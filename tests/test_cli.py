@@ -53,7 +53,7 @@ def test_synth_train_evaluate_with_mlflow(tmp_path, monkeypatch, capsys):
     (["train", "--images", "digits:train", "--annotations", "ann.parquet", "--output", "o",
       "--set", "train.epoch=3"], "config key 'train.epoch' does not exist"),
     (["synth", "--images", "digits", "--q", "2", "--eta", "0", "--output", "x.parquet"],
-     "q and eta must be in [0, 1]"),
+     "--q: 2.0 is out of range (valid: [0, 1])"),
     (["train", "--images", "digits:test", "--annotations", "ann.parquet", "--output", "o"],
      "image ids have no annotation"),
     (["evaluate", "--model", "nope.pt", "--images", "digits:test"], "model not found"),

@@ -58,15 +58,22 @@ def input_files(images_path) -> list[Path]:
                 raise CoregError(f"image table not found: {f}")
         return files
     p = Path(images_path)
+    spec = str(images_path)
+    if not p.exists() and (spec.split(":")[0] == "digits" or spec.startswith("torchvision:")):
+        raise CoregError(f"{spec}: annotate reads Parquet image tables (a .parquet file or a "
+                         "folder of them), not built-in sources; write it as one first with "
+                         "coreg_ray.data.write_image_table(load_image_table(...), PATH)")
     if not p.exists():
-        raise CoregError(f"image table not found: {p}")
+        raise CoregError(f"image table not found: {p} (annotate reads a .parquet file, a folder "
+                         "with train.parquet, or a folder of .parquet files)")
     if p.is_dir():
         if (p / "train.parquet").is_file():
             return [p / "train.parquet"]
         files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
         if not files:
-            raise CoregError(f"{p}: no .parquet files (annotation reads Parquet image tables; "
-                             "write other sources with coreg_ray.data.write_image_table)")
+            raise CoregError(f"{p}: no image table found: looked for train.parquet and for "
+                             ".parquet files in the folder (annotation reads Parquet image "
+                             "tables; write other sources with coreg_ray.data.write_image_table)")
         return files
     if p.suffix != ".parquet":
         raise CoregError(f"{p}: annotation reads Parquet image tables (id, image[, label])")
@@ -144,6 +151,11 @@ def _fingerprint(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _has_shards(parts_root: Path) -> bool:
+    """Whether any finished shard is in the parts folder (of any annotator)."""
+    return parts_root.is_dir() and any(parts_root.rglob("shard-*.parquet"))
+
+
 def shard_path(parts: Path, k: int) -> Path:
     return parts / f"shard-{k:05d}.parquet"
 
@@ -180,7 +192,8 @@ class _ShardWriter:
         if self.on_bad_image == "fail" and (errors != "").any():
             i = int(np.flatnonzero(errors != "")[0])
             raise CoregError(f"{self.source}: image of row id {ids[i]} cannot be decoded "
-                             f"({errors[i]}); pass on_bad_image='skip' to skip unreadable images")
+                             f"({errors[i]}); without --fail-on-bad-image (on_bad_image='skip') "
+                             "unreadable images are skipped and reported")
         shards = self.plan.shard_of(ids)
         for s in np.unique(shards):
             s = int(s)
@@ -503,9 +516,10 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         except json.JSONDecodeError:
             old = {}
         diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
+        if diff and _has_shards(parts_root):  # a plan without finished shards binds nothing
             raise CoregError(f"{parts_root} holds shards made with other settings ({', '.join(diff)}); "
                              "use the same settings to resume, or restart=True (--restart) to start over")
+    created_parts = not parts_root.exists()
     parts_root.mkdir(parents=True, exist_ok=True)
     from coreg_ray.outputs import write_text_atomic
 
@@ -599,6 +613,13 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                 timing["images_annotated"] += writer.rows
             table, skipped = _load_annotator_table(parts, plan, k, c, source)
             per_ann.append((spec, table, skipped, ann_tpls))
+    except BaseException:
+        if not _has_shards(parts_root):  # nothing finished: leave no plan (or folder) behind
+            if created_parts:
+                shutil.rmtree(parts_root, ignore_errors=True)
+            else:
+                plan_file.unlink(missing_ok=True)
+        raise
     finally:
         if started_ray:
             ray_mod.shutdown()

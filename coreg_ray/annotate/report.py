@@ -58,6 +58,10 @@ def quality(ann: AnnotationTable, labels: np.ndarray | None, classes: list[str],
     return out
 
 
+def _num(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
 def _pct(x):
     return "–" if x is None else f"{100.0 * x:.2f}%"
 
@@ -77,7 +81,7 @@ def to_markdown(report: dict) -> str:
     q = report["quality"]
     L += ["", "## Summary", "", "| metric | value |", "| --- | --- |",
           f"| images | {q['images']} |", f"| skipped (unreadable) | {report.get('skipped', 0)} |",
-          f"| Avg. num (candidates per image) | {q['avg_candidates']:.3f} |"]
+          f"| Avg. num (candidates per image) | {_num(q['avg_candidates'])} |"]
     for key, name in (("partial_accuracy", "partial accuracy (truth in set)"),
                       ("ensemble_accuracy", "template-ensemble accuracy"),
                       ("vote_accuracy", "majority-vote accuracy")):
@@ -92,7 +96,7 @@ def to_markdown(report: dict) -> str:
               "| --- | --- | --- | --- |"]
         for a in report["per_annotator"]:
             aq = a["quality"]
-            L.append(f"| `{a['annotator']}` | {aq['avg_candidates']:.3f} | "
+            L.append(f"| `{a['annotator']}` | {_num(aq['avg_candidates'])} | "
                      f"{_pct(aq.get('partial_accuracy'))} | {_pct(aq.get('ensemble_accuracy'))} |")
     if "template_accuracy" in q:
         L += ["", "## Zero-shot accuracy per template", "", "| # | template | accuracy |",

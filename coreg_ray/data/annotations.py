@@ -99,6 +99,23 @@ def write_annotations(table: AnnotationTable, path: str | Path) -> None:
         pq.write_table(arrow, tmp)
 
 
+def read_meta(schema_meta, path) -> dict:
+    """The `coreg_ray` metadata block of a Parquet file: a JSON object, or {} if absent. A
+    corrupt block is one line (it is plain JSON: nothing in it is executed)."""
+    raw = (schema_meta or {}).get(META_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CoregError(f"{path}: the coreg_ray metadata block is not valid JSON ({exc}); "
+                         "rewrite the table with write_annotations") from None
+    if not isinstance(meta, dict):
+        raise CoregError(f"{path}: the coreg_ray metadata block must be a JSON object, got "
+                         f"{type(meta).__name__}")
+    return meta
+
+
 def read_annotations(path: str | Path, num_classes: int | None = None) -> AnnotationTable:
     import pyarrow.parquet as pq
 
@@ -112,12 +129,14 @@ def read_annotations(path: str | Path, num_classes: int | None = None) -> Annota
     for need in ("id", "candidates"):
         if need not in tbl.column_names:
             raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(tbl.column_names)})")
-    raw_meta = (tbl.schema.metadata or {}).get(META_KEY)
-    meta = json.loads(raw_meta) if raw_meta else {}
+    meta = read_meta(tbl.schema.metadata, path)
     ids = tbl.column("id").to_numpy().astype(np.int64)
     if len(np.unique(ids)) != len(ids):
         raise CoregError(f"{path}: duplicate ids in the annotation table")
     file_c = meta.get("num_classes")
+    if file_c is not None and (isinstance(file_c, bool) or not isinstance(file_c, int) or file_c < 1):
+        raise CoregError(f"{path}: the coreg_ray metadata block says num_classes={file_c!r} "
+                         "(want a positive integer)")
     if num_classes is not None and file_c is not None and int(file_c) != num_classes:
         raise CoregError(f"{path}: annotated for {file_c} classes but the images have {num_classes}")
     c = num_classes or file_c
@@ -175,9 +194,13 @@ def annotation_stats(ann: AnnotationTable, labels: np.ndarray | None = None) -> 
     """Average set size ("Avg. num"), and with ground truth: partial accuracy (truth in the
     set), ensemble accuracy, per-template accuracy."""
     sizes = ann.candidates.sum(1)
-    out = {"images": int(len(ann)), "avg_candidates": float(sizes.mean()),
+    out = {"images": int(len(ann)), "avg_candidates": float(sizes.mean()) if len(ann) else None,
            "set_size_histogram": {int(k): int(v) for k, v in
                                   zip(*np.unique(sizes, return_counts=True))}}
+    if len(ann) == 0:  # no rows: nothing to average (None, i.e. JSON null, never NaN)
+        if labels is not None:
+            out.update(partial_accuracy=None, ensemble_accuracy=None)
+        return out
     if labels is not None:
         labels = np.asarray(labels)
         out["partial_accuracy"] = float(ann.candidates[np.arange(len(labels)), labels].mean())

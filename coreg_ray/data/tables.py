@@ -172,6 +172,11 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
                      limit: int | None = None, classes: list[str] | None = None) -> ImageTable:
     """Load any supported source (see module doc). `limit` keeps the first n rows."""
     spec = str(spec)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CoregError(f"--limit: {limit!r} is out of range (valid: >= 1, the rows to keep)")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 4 <= image_size <= 1024):
+        raise CoregError(f"--image-size: {image_size!r} is out of range (valid: [4, 1024])")
     if spec.split(":")[0] == "digits":
         table = _load_digits(spec, image_size)
     elif spec.startswith("torchvision:"):
@@ -182,9 +187,9 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
             raise CoregError(f"image table not found: {spec}")
         if path.is_dir() and (path / "train.parquet").exists():
             path = path / "train.parquet"
-        if path.suffix == ".parquet":
+        if path.suffix == ".parquet" and path.is_file():
             table = _load_parquet(path, image_size, limit, classes)
-        elif path.suffix == ".npz":
+        elif path.suffix == ".npz" and path.is_file():
             table = _load_npz(path, image_size, classes)
         elif path.is_dir():
             table = _load_folder(path, image_size, limit, classes)
@@ -239,6 +244,8 @@ def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
             raise CoregError(f"{path}: column 'label' has {lab.null_count} empty values")
         labels = lab.to_numpy().astype(np.int64)
     names = classes or read_classes(path)
+    if len(ids) == 0:
+        raise CoregError(f"{path}: no rows (no images)")
     if names is None:
         if labels is None:
             raise CoregError(f"{path}: no classes.json beside it and no labels: pass class names")
@@ -341,7 +348,7 @@ def _load_digits(spec: str, size) -> ImageTable:
 def _load_folder(path: Path, size, limit, classes) -> ImageTable:
     from PIL import Image
 
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     if subdirs:
         names = classes or [p.name for p in subdirs]
@@ -355,11 +362,17 @@ def _load_folder(path: Path, size, limit, classes) -> ImageTable:
                     labels.append(index[d.name])
         lab = np.asarray(labels, np.int64)
     else:
-        names = classes or read_classes(path / "classes.json")
-        if names is None:
-            raise CoregError(f"{path}: a flat folder needs classes.json or class names")
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        names = classes or read_classes(path / "classes.json")
+        if names is None and files:
+            raise CoregError(f"{path}: a flat folder needs classes.json or class names")
         lab = None
+    if not files:
+        exts = "/".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        where = (f"in its {len(subdirs)} class sub-folders (none holds one)" if subdirs
+                 else "in class sub-folders or in the folder itself (it has no sub-folders)")
+        raise CoregError(f"{path}: no images found: looked for train.parquet and for image "
+                         f"files ({exts}) {where}")
     if limit is not None:
         files = files[:limit]
         lab = None if lab is None else lab[:limit]
@@ -382,30 +395,50 @@ def _load_folder(path: Path, size, limit, classes) -> ImageTable:
 
 def _load_torchvision(spec: str, size, limit) -> ImageTable:
     parts = spec.split(":")
-    if len(parts) < 3:
-        raise CoregError(f"{spec}: use torchvision:NAME:ROOT[:test]")
-    name, root = parts[1], parts[2]
-    train = not (len(parts) > 3 and parts[3] == "test")
+    usage = "use torchvision:NAME:ROOT[:test] with a torchvision dataset class such as CIFAR10"
+    if len(parts) < 3 or not parts[1] or not parts[2]:
+        raise CoregError(f"{spec}: {usage}")
+    name, root = parts[1], ":".join(parts[2:])
+    train = True
+    if len(parts) > 3 and parts[-1] in ("test", "train"):
+        root, train = ":".join(parts[2:-1]), parts[-1] == "train"
     import torchvision.datasets as tvd
+    from torch.utils.data import Dataset
 
     cls = getattr(tvd, name, None)
-    if cls is None:
-        raise CoregError(f"{spec}: torchvision has no dataset '{name}'")
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+        raise CoregError(f"{spec}: torchvision has no dataset '{name}' ({usage})")
+    if name in ("ImageFolder", "DatasetFolder"):
+        raise CoregError(f"{spec}: for a folder of class sub-folders pass the folder itself "
+                         f"(--images {root})")
+    if not Path(root).is_dir():
+        raise CoregError(f"{spec}: root folder {root} not found")
     try:
         try:
             ds = cls(root, train=train, download=False)
         except TypeError:
             ds = cls(root, split="train" if train else "test", download=False)
-    except (RuntimeError, FileNotFoundError) as exc:
-        raise CoregError(f"{spec}: not found on disk under {root} (downloads are off): {exc}")
+    except TypeError:
+        raise CoregError(f"{spec}: torchvision.datasets.{name} takes neither train= nor split=: "
+                         "write it as a .parquet table or a folder instead") from None
+    except Exception as exc:  # RuntimeError "Dataset not found", FileNotFoundError, ...
+        first = " ".join(str(exc).split())[:200]
+        raise CoregError(f"{spec}: not found on disk under {root} (downloads are off): {first}") from None
     n = len(ds) if limit is None else min(limit, len(ds))
-    arrays, labels = [], []
-    for i in range(n):
-        img, y = ds[i]
-        arrays.append(_to_rgb_array(img, size))
-        labels.append(int(y))
-    classes = list(getattr(ds, "classes", [str(i) for i in range(max(labels) + 1)]))
-    return table_from_arrays(np.stack(arrays), np.asarray(labels), classes, None, size, spec)
+    if n == 0:
+        raise CoregError(f"{spec}: the dataset is empty")
+    items = [ds[i] for i in range(n)]
+    labels = [int(y) for _, y in items]
+
+    def decode(i):
+        img = items[i][0]
+        return _to_rgb_array(img, size), (img.size[1], img.size[0])
+
+    meta = {}
+    images = _stack(decode, n, size, spec, np.arange(n), meta)
+    classes = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])
+    return ImageTable(images, np.arange(n, dtype=np.int64), np.asarray(labels, np.int64),
+                      [str(c) for c in classes], spec, meta)
 
 
 # ----------------------------------------------------------------------------- classes

@@ -67,7 +67,9 @@ class MLflowRun:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        # Ctrl-C and SIGTERM (the CLI raises it as a KeyboardInterrupt) both mark the run KILLED
+        killed = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        status = "FINISHED" if exc_type is None else ("KILLED" if killed else "FAILED")
         try:
             self.mlflow.end_run(status=status)
         finally:
