@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GTSRB CPU table (issue: Co-Reg on the paper's own ground), resumable: rerun this script
 # and every finished run is skipped (results.jsonl). Order: seed 0 of the main table, its
-# few-shot rows, the x3-length runs, then seeds 1 and 2. Raw rows are copied to
-# benchmarks/results/gtsrb-cpu/ after each phase.
+# few-shot rows, seeds 1 and 2 of the main table, the x3-length runs, then the few-shot rows of
+# seeds 1 and 2. Raw rows are copied to benchmarks/results/gtsrb-cpu/ after each phase.
 #   nohup bash benchmarks/scripts/gtsrb_cpu.sh > runs/gtsrb_cpu.log 2>&1 &
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +26,6 @@ run() {  # $1 config, $2 output name
 }
 run "$(seeds_only configs/exp-gtsrb-cpu.yaml '[0]')" exp-gtsrb-cpu
 run "$(seeds_only configs/exp-gtsrb-cpu-fewshot.yaml '[0]')" exp-gtsrb-cpu-fewshot
-run configs/exp-gtsrb-cpu-length.yaml exp-gtsrb-cpu-length
 run configs/exp-gtsrb-cpu.yaml exp-gtsrb-cpu
+run configs/exp-gtsrb-cpu-length.yaml exp-gtsrb-cpu-length
 run configs/exp-gtsrb-cpu-fewshot.yaml exp-gtsrb-cpu-fewshot
