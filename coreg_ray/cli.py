@@ -310,6 +310,12 @@ def cmd_experiment(args):
                          f"'failed'; errors in {Path(args.output) / 'results.jsonl'})")
 
 
+def cmd_export(args):
+    from coreg_ray.export import export_model, summary_lines
+
+    print("\n".join(summary_lines(export_model(args.model, args.format, args.output))))
+
+
 def cmd_quickstart(args):
     from coreg_ray.quickstart import run_quickstart
 
@@ -439,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run everything again (earlier results.jsonl is set aside)")
     _valid(p, parallel=Range(1))
     p.set_defaults(fn=cmd_experiment)
+
+    p = sub.add_parser("export", help="a trained model.pt as ONNX or TorchScript: uint8 NCHW RGB "
+                                      "images in (normalisation inside), logits out")
+    p.add_argument("--model", required=True, help="model.pt written by train")
+    p.add_argument("--format", required=True, help="onnx | torchscript")
+    p.add_argument("--output", required=True, help="the file to write (.onnx / .pt)")
+    _valid(p, format=Choices(("onnx", "torchscript"), "format"))
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("quickstart", help="embedded data -> simulated annotator -> Co-Reg -> table")
     p.add_argument("--output", default="runs/quickstart")
