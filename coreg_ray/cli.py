@@ -231,9 +231,13 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
         "history": trainer.history,
     }
     _write_json(out / "metrics.json", metrics)
+    from coreg_ray.plots import training_curves, write_beside  # curves.png beside metrics.json
+
+    write_beside(training_curves, trainer.history, out / "curves.png",
+                 title=f"{images} · {cfg.model.backbone} · seed {cfg.train.seed}")
     if run:
         run.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None})
-        for f in ("metrics.json", "config.yaml", "model.pt"):
+        for f in ("metrics.json", "config.yaml", "model.pt", "curves.png"):
             run.log_artifact(out / f)
         metrics["mlflow_run_id"] = run.run_id
         run.__exit__(None, None, None)

@@ -1078,7 +1078,12 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
         table = format_table(records, exp.methods, [s.name for s in exp.settings], exp.shots,
                              exp.columns, exp.labels, stats, len(exp.seeds), exp.name,
                              header_lines(records), footer_lines())
-        _write_atomic(out / "table.md", table.markdown)
+        from coreg_ray.plots import experiment_chart, with_picture  # table.png, embedded
+
+        _write_atomic(out / "table.md", with_picture(
+            table.markdown, out / "table.md", experiment_chart, records, alt="results chart",
+            methods=exp.methods, settings=[s.name for s in exp.settings], title=exp.name,
+            labels={m: (exp.labels or {}).get(m) or method_label(m) for m in exp.methods}))
         _write_atomic(out / "table.csv", table.csv)
         return table, records
 
@@ -1194,7 +1199,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                "ran_now": len(todo), "skipped": done_before, "failed_now": n_failed}
     if tracker is not None:
         tracker.finish("FINISHED", summary, [out / "table.md", out / "table.csv", results_path,
-                                             out / "experiment.yaml"])
+                                             out / "experiment.yaml", out / "table.png"])
         summary["mlflow_parent_run_id"] = tracker.parent
     table.summary = summary
     return table

@@ -43,6 +43,9 @@ def quality(ann: AnnotationTable, labels: np.ndarray | None, classes: list[str],
                           "ensemble_accuracy": float((pred[m] == c).mean()) if n else None,
                           "avg_candidates": float(sizes[m].mean()) if n else None})
     out["per_class"] = per_class
+    from coreg_ray.plots import candidate_counts  # [true][candidate] image counts: the heatmap
+
+    out["candidate_counts"] = candidate_counts(ann.candidates, labels, len(classes))
     wrong = pred != labels
     conf = []
     if wrong.any():
@@ -137,6 +140,10 @@ def write_report(report: dict, path: str | os.PathLike) -> tuple[Path, Path]:
     from coreg_ray.outputs import to_json, write_text_atomic
 
     jp, mp = report_paths(path)
-    for p, text in ((jp, to_json(report, indent=2)), (mp, to_markdown(report))):
+    from coreg_ray.plots import report_chart, with_picture  # X.png beside X.md, embedded in it
+
+    md = with_picture(to_markdown(report), mp, report_chart, report, alt="annotation report",
+                      before="## Candidate-set size")
+    for p, text in ((jp, to_json(report, indent=2)), (mp, md)):
         write_text_atomic(p, text)
     return jp, mp
