@@ -176,6 +176,10 @@ class DataConfig(_Section):
     # random ops per strong view (the authors use one) out of the 14 RandAugment ops
     strong_ops: int = _key(1, Range(0, 14))
     hflip: bool = True  # random horizontal flip in both views (turn off for digits and text)
+    # strong view: color = crop/flip + one RandAugment op + Cutout (the reference's for RGB data);
+    # grayscale = crop/flip + a black Cutout square, no RandAugment (theirs for F-MNIST/FER2013);
+    # auto = grayscale when every training image has R = G = B
+    strong_view: str = _key("auto", Choices(("auto", "color", "grayscale"), "strong view"))
 
 
 @dataclass

@@ -397,3 +397,26 @@ def test_device_augment_seeded_and_resumable():
     assert not torch.equal(nxt, sa)  # the generator advances
     a.load_state_dict(state)
     assert torch.equal(a.strong(x), nxt)
+
+
+def test_grayscale_cutout_is_16px_from_28px_and_scaled_below():
+    from coreg_ray.data.augment import DeviceAugment
+
+    sizes = {s: DeviceAugment([0.5] * 3, [0.2] * 3, s, grayscale=True).gray_cutout
+             for s in (8, 14, 28, 32, 64)}
+    assert sizes == {8: 5, 14: 8, 28: 16, 32: 16, 64: 16}
+
+
+def test_strong_view_auto_picks_grayscale_for_gray_tables():
+    from coreg_ray.config import Config
+    from coreg_ray.coreg.trainer import grayscale_view
+
+    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).expand(4, 3, 8, 8)
+    color = gray.clone()
+    color[0, 2, 0, 0] ^= 1  # one pixel off grey
+    cfg = Config()
+    assert grayscale_view(cfg, gray) and not grayscale_view(cfg, color)
+    cfg.set("data.strong_view", "color")
+    assert not grayscale_view(cfg, gray)
+    cfg.set("data.strong_view", "grayscale")
+    assert grayscale_view(cfg, color)

@@ -99,6 +99,15 @@ def compile_nets(nets) -> None:
         net.compile()
 
 
+def grayscale_view(cfg: Config, images: torch.Tensor) -> bool:
+    """`data.strong_view`: the reference's grayscale strong view for gray data (auto: every
+    image has R = G = B), its RandAugment view otherwise."""
+    if cfg.data.strong_view != "auto":
+        return cfg.data.strong_view == "grayscale"
+    return bool(images.shape[1] == 3 and (images[:, 0] == images[:, 1]).all()
+                and (images[:, 1] == images[:, 2]).all())
+
+
 @dataclass
 class TrainingData:
     """Everything a trainer needs from the tables, already on the training device."""
@@ -225,7 +234,7 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
         labels=None if train.labels is None else torch.as_tensor(train.labels, device=device),
         test=test_dev, soft_targets=soft,
         aug=DeviceAugment(mean, std, size, cfg.data.crop_padding, cfg.data.strong_ops, device,
-                          cfg.train.seed, cfg.data.hflip),
+                          cfg.train.seed, cfg.data.hflip, grayscale_view(cfg, images)),
         mean=mean, std=std, classes=list(train.classes), num_classes=train.num_classes,
         n=len(train), image_size=size)
     data.fingerprint = checked.fingerprint  # what a checkpoint of this run is tied to

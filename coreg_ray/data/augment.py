@@ -273,7 +273,7 @@ def cutout_holes(x: torch.Tensor, length: int = GRAY_CUTOUT_LENGTH, gen=None) ->
 class DeviceAugment:
     """Weak/strong views of uint8 batches on the device, normalised for the network.
     `grayscale=True` gives the reference's grayscale strong view (F-MNIST, FER2013): crop + flip
-    + a 16 px zero Cutout, no RandAugment."""
+    + a 16 px zero Cutout (16/28 of the side below 28 px), no RandAugment."""
 
     def __init__(self, mean, std, image_size: int, crop_padding: float = 0.125, n_ops: int = 1,
                  device="cpu", seed: int = 0, hflip: bool = True, grayscale: bool = False):
@@ -284,6 +284,9 @@ class DeviceAugment:
         self.n_ops = n_ops
         self.hflip = hflip
         self.grayscale = grayscale
+        # the reference's 16 px square (F-MNIST 28 px, FER2013 64 px); smaller images (not in the
+        # paper, e.g. 8x8 digits) get the same 16/28 of their side so the digit is not blanked
+        self.gray_cutout = min(GRAY_CUTOUT_LENGTH, max(1, round(GRAY_CUTOUT_LENGTH * image_size / 28)))
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
 
@@ -299,7 +302,7 @@ class DeviceAugment:
     def strong(self, x_uint8):
         x = crop_flip(to_float(x_uint8), self.pad, self.gen, self.hflip)
         if self.grayscale:
-            x = cutout_holes(x, GRAY_CUTOUT_LENGTH, self.gen)
+            x = cutout_holes(x, self.gray_cutout, self.gen)
         else:
             x = rand_augment(x, self.n_ops, self.gen)
             x = cutout(x, self.gen)
