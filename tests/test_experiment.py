@@ -210,7 +210,11 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_local, tmp_
     assert len(progress) == 12 and progress[-1].startswith("[12/12]")
     # the table: each column's best in bold, zero-shot = the annotator itself
     md = (out / "table.md").read_text()
-    assert md == table.markdown and "backbone: mlp; 1 epoch (warm-up 1)" in md
+    # table.md is the table's Markdown with its bar chart (table.png) embedded under the table
+    from coreg_ray.plots import embed
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md == embed(table.markdown, "table.png", "results chart")
+    assert "backbone: mlp; 1 epoch (warm-up 1)" in md
     assert "simulated VLM annotator — a stand-in, not a VLM" in md
     assert "| Method | q=0.3, η=0.1 | simulated VLM |" in md
     assert "| Zero-shot (annotator, test) | n/a |" in md
