@@ -12,12 +12,11 @@ import argparse
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from coreg_ray.config import SEED, Choices, Range
 from coreg_ray.errors import CoregError, Terminated
-from coreg_ray.outputs import check_output_dir, check_output_file, to_json, write_json_atomic
+from coreg_ray.outputs import check_output_file, to_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +56,6 @@ def _common_table_args(p):
     p.add_argument("--image-size", type=int, default=None, help="resize/letterbox to this side")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     _valid(p, image_size=Range(4, 1024), limit=Range(1))
-
-
-def _write_json(path: Path, data: dict):
-    write_json_atomic(path, data)
 
 
 def _print_json(data, indent=None):
@@ -157,91 +152,13 @@ def cmd_report(args):
 def train_run(images, annotations, output, config=None, overrides=(), test_images=None,
               resume=False, image_size=None, limit=None, mlflow=True, progress=True,
               run_name=None, log=print) -> dict:
-    """The `train` command as a function (used by the CLI, quickstart, jobs and Tune).
+    """The `train` command as a function: `coreg_ray.runs.execute` of a Co-Reg `RunSpec`
+    (kept under this name for callers of it; `log` is accepted and unused)."""
+    from coreg_ray.runs import RunSpec, execute
 
-    Checks everything first: the output folder, the config, a checkpoint to resume (complete,
-    made with this model on these data), the tables against each other; only then writes
-    (config.yaml, then checkpoints, model.pt, metrics.json). `resume`: continue from
-    OUTPUT/checkpoint.pt with the run's own config (the checkpoint's, else OUTPUT/config.yaml;
-    `config` replaces it, `overrides` apply on top, e.g. train.epochs=60 to train longer)."""
-    from coreg_ray.config import Config
-    from coreg_ray.coreg.models import build_model
-    from coreg_ray.coreg.trainer import (CHECKPOINT, CoReg, check_checkpoint,
-                                         check_training_inputs, read_checkpoint)
-    from coreg_ray.data import annotation_stats, load_run_inputs
-
-    out = check_output_dir(output, "output folder")
-    cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT
-    state = read_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    if isinstance(config, Config):
-        cfg = config
-    elif config is None and state is not None:  # the config the run was training with
-        cfg = Config.load(None, list(overrides), base=state["config"])
-    elif config is None and resume and cfg_path.exists():
-        cfg = Config.load(cfg_path, list(overrides))
-    else:
-        cfg = Config.load(config, list(overrides))
-    if run_name:
-        cfg.tracking.run_name = run_name
-    if not mlflow:
-        cfg.tracking.mlflow = False
-    cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
-    train, test, ann = load_run_inputs(images, annotations, test_images,
-                                       image_size or cfg.data.image_size, limit)
-    checked = check_training_inputs(cfg, train, ann, test)
-    if state is not None:
-        check_checkpoint(state, str(ckpt_path), checked.fingerprint, cfg)
-    build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
-    stats = annotation_stats(ann, train.labels)
-    # ---- everything checked: from here on the run writes
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(cfg_path)
-    callbacks, run = [], None
-    if cfg.tracking.mlflow:
-        from coreg_ray.distributed.tracking import MLflowRun
-        run = MLflowRun(cfg, tags={"output": str(out.resolve())})
-        run.__enter__()
-        callbacks.append(run.epoch_callback)
-    trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
-    t0 = time.perf_counter()
-    try:
-        final = trainer.fit(train, ann, test, out, resume=state if state is not None else resume)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        if run:
-            run.__exit__(type(exc), exc, None)
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{what}: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
-              f"continue with the same command plus --resume", file=sys.stderr)
-        raise
-    except BaseException as exc:
-        if run:
-            run.__exit__(type(exc), exc, None)
-        raise
-    trainer.save_model(out / "model.pt")
-    metrics = {
-        "test_accuracy": final.get("test_accuracy"),
-        "annotator_accuracy": stats.get("ensemble_accuracy"),
-        "partial_accuracy": stats.get("partial_accuracy"),
-        "avg_candidates": stats["avg_candidates"],
-        "epochs": cfg.train.epochs, "warmup_epochs": cfg.train.warmup_epochs,
-        "seconds": final.get("seconds"), "wall_seconds": time.perf_counter() - t0,
-        "train_images": len(train), "test_images": len(test) if test is not None else 0,
-        "backbone": cfg.model.backbone, "seed": cfg.train.seed,
-        "annotator": ann.meta.get("annotator"),
-        "history": trainer.history,
-    }
-    _write_json(out / "metrics.json", metrics)
-    from coreg_ray.plots import training_curves, write_beside  # curves.png beside metrics.json
-
-    write_beside(training_curves, trainer.history, out / "curves.png",
-                 title=f"{images} · {cfg.model.backbone} · seed {cfg.train.seed}")
-    if run:
-        run.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None})
-        for f in ("metrics.json", "config.yaml", "model.pt", "curves.png"):
-            run.log_artifact(out / f)
-        metrics["mlflow_run_id"] = run.run_id
-        run.__exit__(None, None, None)
-    return metrics
+    return execute(RunSpec(images, annotations, output, config=config, overrides=overrides,
+                           test_images=test_images, resume=resume, image_size=image_size,
+                           limit=limit, run_name=run_name, tracking=mlflow, progress=progress))
 
 
 def cmd_train(args):

@@ -141,8 +141,9 @@ def fewshot_method(name: str, cfg: Config, train, test, params: dict | None) -> 
 
 def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test=None,
                test_annotations: AnnotationTable | None = None, params: dict | None = None,
-               callbacks=(), progress: bool = False) -> dict:
-    """Train (or, for zero_shot, just measure) one method; see the module doc."""
+               callbacks=(), progress: bool = False, model_path=None) -> dict:
+    """Train (or, for zero_shot, just measure) one method; see the module doc. `model_path`:
+    where to save the trained model (model.pt; Co-Reg variants only, the others have none)."""
     from coreg_ray.baselines import METHODS, BaselineTrainer
     from coreg_ray.coreg.trainer import CoReg
 
@@ -170,6 +171,8 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
     else:
         raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
     final = trainer.fit(train, ann, test)
+    if model_path is not None and hasattr(trainer, "save_model"):
+        trainer.save_model(model_path)
     return {"method": name, "test_accuracy": final.get("test_accuracy"),
             "seconds": final.get("seconds"), "epochs": cfg.train.epochs,
             "history": trainer.history}

@@ -28,10 +28,10 @@ def quickstart_config(epochs: int | None = None, seed: int = 0) -> Config:
 
 
 def run_quickstart(output="runs/quickstart", epochs=None, seed=0, mlflow=True, log=print) -> dict:
-    from coreg_ray.cli import train_run
     from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table
     from coreg_ray.outputs import check_output_dir, check_output_file, write_json_atomic, \
         write_text_atomic
+    from coreg_ray.runs import RunSpec, execute
 
     out = check_output_dir(output)  # before any work: a bad output is one line, nothing written
     for sub in ("warmup", "coreg"):
@@ -64,8 +64,8 @@ def run_quickstart(output="runs/quickstart", epochs=None, seed=0, mlflow=True, l
         if tweak == "warmup":
             cfg.train.warmup_epochs = cfg.train.epochs
         log(f"training: {name} ({cfg.model.backbone}, {cfg.train.epochs} epochs)")
-        m = train_run(train, ann, out / tweak, cfg, test_images=test, run_name=f"quickstart-{tweak}",
-                      mlflow=mlflow)
+        m = execute(RunSpec(train, ann, out / tweak, config=cfg, test_images=test,
+                            run_name=f"quickstart-{tweak}", tracking=mlflow))
         rows.append((name, m["test_accuracy"], m["seconds"]))
     table = ["| method | test accuracy | train seconds |", "| --- | ---: | ---: |"]
     table += [f"| {n} | {a:.4f} | {s:.1f} |" for n, a, s in rows]

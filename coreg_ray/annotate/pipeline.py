@@ -562,11 +562,9 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                                       candidate_mode=candidate_mode, image_size=image_size,
                                       allow_download=allow_download)
                 if engine == "ray":
-                    if ray_mod is None:
-                        ray_mod = require("ray", "ray")
-                        if not ray_mod.is_initialized():
-                            ray_mod.init(address=ray_address)
-                            started_ray = True
+                    if ray_mod is None:  # logging_level None: Ray's default, as it always was here
+                        from coreg_ray.runs import start_ray
+                        ray_mod, started_ray = start_ray(ray_address, logging_level=None)
                     if kind == "clip":
                         res = _resources(ray_mod, num_actors, actor_cpus, use_gpu)
                         bs = batch_size or (256 if res["gpu"] else 32)

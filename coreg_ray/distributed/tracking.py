@@ -1,4 +1,11 @@
-"""MLflow tracking for runs: resolved config as params, per-epoch metrics, final model.
+"""Tracking for runs: one `Tracker` interface, MLflow or nothing.
+
+- `NoTracker`: tracking off; every call does nothing.
+- `MLflowRun`: a run of this process through MLflow's fluent API (`coreg-ray train`, the
+  quickstart): resolved config as params, per-epoch metrics, final metrics and files.
+- `MLflowClientRun`: a run written through `MlflowClient` by its id, so that other processes
+  (Ray Train's rank 0, a Tune callback, a relaunch that finds the run again by a tag) log into it
+  and no process-global MLflow setting is touched; `child(...)` makes a nested run.
 
 Embedded default: a SQLite store `sqlite:///mlruns.db` in the working directory (MLflow 3.17's
 plain file store refuses to work); `MLFLOW_TRACKING_URI` or `tracking.tracking_uri` override.
@@ -7,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from coreg_ray.errors import require
@@ -35,8 +43,73 @@ def _global_uri() -> str | None:
         return None
 
 
-class MLflowRun:
-    """Context manager around one MLflow run; `epoch_callback` plugs into `CoReg(callbacks=...)`."""
+def finite_metrics(metrics: dict) -> dict:
+    """The numbers of `metrics` that can be logged: ints and floats (not bools), finite."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def end_status(exc: BaseException | type | None) -> str:
+    """FINISHED; KILLED for Ctrl-C and SIGTERM (the CLI raises it as a KeyboardInterrupt);
+    FAILED for any other exception (an instance or its type)."""
+    if exc is None:
+        return "FINISHED"
+    kind = exc if isinstance(exc, type) else type(exc)
+    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+
+
+class Tracker:
+    """Where a run's metrics and files go. `start()` (returns the tracker) and `end(exc)`, or a
+    `with` block: the run ends FINISHED, or KILLED / FAILED for the exception that stopped it.
+    `epoch_callback` plugs into a trainer's `callbacks`. A missing file is not logged."""
+
+    run_id: str | None = None
+    uri: str | None = None  # the MLflow store
+
+    def start(self) -> "Tracker":
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.end(exc_type)
+        return False
+
+    def end(self, exc: BaseException | type | None = None) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        raise NotImplementedError
+
+    def set_tag(self, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def epoch_callback(self, epoch, stats, trainer=None) -> None:
+        self.log_metrics(stats, step=epoch)
+
+
+class NoTracker(Tracker):
+    """Tracking off: nothing is logged (`run_id` is None)."""
+
+    def end(self, exc=None) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def set_tag(self, key, value) -> None:
+        pass
+
+
+class MLflowRun(Tracker):
+    """One MLflow run of this process (MLflow's fluent API), begun by `start()`."""
 
     def __init__(self, cfg, run_name: str | None = None, tags: dict | None = None,
                  parent_run_id: str | None = None):
@@ -48,7 +121,7 @@ class MLflowRun:
         self.parent = parent_run_id
         self.run = None
 
-    def __enter__(self):
+    def start(self) -> "MLflowRun":
         import logging
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -66,12 +139,9 @@ class MLflowRun:
         self.mlflow.log_params({k: str(v) for k, v in self.cfg.flat().items()})
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        # Ctrl-C and SIGTERM (the CLI raises it as a KeyboardInterrupt) both mark the run KILLED
-        killed = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-        status = "FINISHED" if exc_type is None else ("KILLED" if killed else "FAILED")
+    def end(self, exc=None) -> None:
         try:
-            self.mlflow.end_run(status=status)
+            self.mlflow.end_run(status=end_status(exc))
         finally:
             uri, env = self._saved
             self.mlflow.set_tracking_uri(uri)  # None: unset (it clears the variable too)
@@ -79,21 +149,97 @@ class MLflowRun:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = env
-        return False
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        clean = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        clean = finite_metrics(metrics)
         if clean:
             self.mlflow.log_metrics(clean, step=step)
 
-    def epoch_callback(self, epoch, stats, trainer=None):
-        self.log_metrics(stats, step=epoch)
-
-    def log_artifact(self, path: str | Path):
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None):
         if Path(path).exists():
-            self.mlflow.log_artifact(str(path))
+            self.mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.mlflow.set_tag(key, value)
+
+
+class MLflowClientRun(Tracker):
+    """One MLflow run written through `MlflowClient` by id; it is RUNNING until `end`.
+
+    `open(cfg, ...)` creates it in `cfg.tracking.experiment` (or, with `find_tag`, first looks
+    for the latest run whose tag `find_tag` has the value given in `tags`, and marks it RUNNING
+    again: a relaunch continues its run); `attach(run_id, uri)` logs into an existing run from
+    another process; `child(...)` creates a nested run in the same experiment."""
+
+    def __init__(self, client, run_id: str, uri: str, experiment_id: str | None = None):
+        self.client, self.run_id, self.uri, self.experiment_id = client, run_id, uri, experiment_id
+
+    @classmethod
+    def open(cls, cfg, run_name: str | None, tags: dict, params: dict | None = None,
+             find_tag: str | None = None) -> "MLflowClientRun":
+        require("mlflow", "mlflow")
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        uri = tracking_uri(cfg.tracking.tracking_uri)  # absolute: workers have another cwd
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        if find_tag is not None:
+            found = client.search_runs([exp_id], filter_string=f"tags.`{find_tag}` = '{tags[find_tag]}'",
+                                       max_results=1, order_by=["attributes.start_time DESC"])
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+                return cls(client, run_id, uri, exp_id)
+        run = cls(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id,
+                  uri, exp_id)
+        if params:
+            run.log_params(params)
+        return run
+
+    @classmethod
+    def attach(cls, run_id: str, uri: str) -> "MLflowClientRun":
+        from mlflow.tracking import MlflowClient
+
+        return cls(MlflowClient(uri), run_id, uri)
+
+    def child(self, run_name: str, tags: dict, params: dict | None = None) -> "MLflowClientRun":
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"mlflow.parentRunId": self.run_id, **tags})
+        child = MLflowClientRun(self.client, run.info.run_id, self.uri, self.experiment_id)
+        if params:
+            child.log_params(params)
+        return child
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        ps = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's length limit
+        for i in range(0, len(ps), 100):
+            self.client.log_batch(self.run_id, params=ps[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        clean = finite_metrics(metrics)
+        if clean:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0)
+                                                        for k, v in clean.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def end(self, exc=None) -> None:
+        self.client.set_terminated(self.run_id, end_status(exc))

@@ -13,8 +13,8 @@
   restores from `ray.train.get_checkpoint()`: after a worker failure (`FailureConfig(max_failures)`)
   and when a run with the same `storage_path/name` is launched again (Train V2 reloads the run's
   checkpoint list from storage), so a finished or interrupted run resumes instead of restarting.
-- The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `train_run`, from the last
-  checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
+- The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `coreg_ray.runs.execute`,
+  from the last checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
 - MLflow: one run per (storage_path, name), created by the driver and found again on relaunch;
   rank 0 logs per-epoch metrics into it, the driver the final metrics and artifacts.
 
@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 from coreg_ray import safeload
-from coreg_ray.errors import CoregError, require
+from coreg_ray.distributed.tracking import MLflowClientRun, NoTracker, finite_metrics
+from coreg_ray.errors import CoregError
+from coreg_ray.outputs import atomic_path, check_output_dir, write_json_atomic
+from coreg_ray.runs import run_metrics, start_ray
 
 RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
 
@@ -57,54 +60,16 @@ class FailOnce:
 
 
 # ---------------------------------------------------------------------------- helpers
-def numeric(stats: dict) -> dict:
-    import math
-
-    return {k: float(v) for k, v in stats.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def ensure_ray(address: str | None = None):
-    ray = require("ray", "ray")
-    if not ray.is_initialized():
-        import logging
-
-        # Inside `ray job submit` RAY_ADDRESS is set and this joins the cluster; otherwise a
-        # local Ray is started with this machine's resources.
-        ray.init(address=address, logging_level=logging.WARNING)
-    return ray
-
-
-def _mlflow_run(cfg, storage: str, name: str, out: Path, run_name: str | None, workers: int):
-    """Find the MLflow run of this Ray run (relaunch) or create it; returns (client, run_id, uri)."""
-    require("mlflow", "mlflow")
-    import logging
-
-    from mlflow.tracking import MlflowClient
-
-    from coreg_ray.distributed.tracking import tracking_uri
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri = tracking_uri(cfg.tracking.tracking_uri)  # absolute: workers have another cwd
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+def _tracker(cfg, storage: str, name: str, out: Path, run_name: str | None, workers: int):
+    """The MLflow run of this Ray run, found again on relaunch (tag RUN_TAG) or created; or
+    `NoTracker` when tracking is off."""
+    if not cfg.tracking.mlflow:
+        return NoTracker()
     key = f"{storage.rstrip('/')}/{name}"
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return client, run_id, uri
-    run = client.create_run(exp_id, run_name=run_name or cfg.tracking.run_name or name,
-                            tags={RUN_TAG: key, "output": str(out.resolve()),
-                                  "ray.workers": str(workers)})
-    from mlflow.entities import Param
-
-    params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    return client, run.info.run_id, uri
+    return MLflowClientRun.open(cfg, run_name or cfg.tracking.run_name or name,
+                                tags={RUN_TAG: key, "output": str(out.resolve()),
+                                      "ray.workers": str(workers)},
+                                params=cfg.flat(), find_tag=RUN_TAG)
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -156,17 +121,15 @@ def _worker_loop(loop: dict):
             _say(f"[coreg-ray] resuming after epoch {restored_from + 1} "
                  f"({len(ray_info['restores'])} restore(s) so far)")
 
-    mlflow_client = None
+    tracker = NoTracker()  # rank 0 logs the epochs into the driver's MLflow run
     if rank == 0 and loop.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        mlflow_client = MlflowClient(loop["mlflow_uri"])
+        tracker = MLflowClientRun.attach(loop["mlflow_run_id"], loop["mlflow_uri"])
 
     epochs = cfg.train.epochs
     every = max(1, cfg.train.checkpoint_every)
 
     def report(epoch, stats, trainer):
-        metrics = numeric(stats)
+        metrics = finite_metrics(stats)
         metrics["epoch"] = epoch
         last = epoch == epochs - 1
         tmp, checkpoint = None, None
@@ -178,12 +141,7 @@ def _worker_loop(loop: dict):
             if last:
                 trainer.save_model(tmp / "model.pt")
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-        if mlflow_client is not None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            mlflow_client.log_batch(loop["mlflow_run_id"], metrics=[
-                Metric(k, v, ts, epoch) for k, v in metrics.items() if k != "epoch"])
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if rank == 0:
             show = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "test_accuracy", "p_fraction")
                             if k in metrics)
@@ -229,8 +187,6 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         raise CoregError(f"--workers must be >= 1, got {workers}")
     if gpus_per_worker < 0:
         raise CoregError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
-    from coreg_ray.outputs import check_output_dir
-
     out = check_output_dir(output)  # nothing is written before every input is checked
     cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
     if run_name:
@@ -261,20 +217,18 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     name = name or out.resolve().name
     cfg.save(out / "config.yaml")
 
-    ray = ensure_ray(ray_address)
+    ray, _ = start_ray(ray_address)
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    client = run_id = uri = None
-    if cfg.tracking.mlflow:
-        client, run_id, uri = _mlflow_run(cfg, storage, name, out, run_name, workers)
+    tracker = _tracker(cfg, storage, name, out, run_name, workers)
     resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else 1}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     loop = {"config": cfg.to_dict(), "gpus_per_worker": gpus_per_worker,
             "data": [ray.put(train), ray.put(ann), ray.put(test) if test is not None else None],
-            "callbacks": list(callbacks), "mlflow_run_id": run_id, "mlflow_uri": uri}
+            "callbacks": list(callbacks), "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
@@ -288,8 +242,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     try:
         result = trainer.fit()
     except BaseException as exc:
-        if client is not None:
-            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.end(exc)
         if isinstance(exc, KeyboardInterrupt):
             log(f"interrupted: checkpoints are in {storage}/{name}; the same command resumes")
             raise
@@ -307,41 +260,25 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         if state["epoch"] != cfg.train.epochs - 1 or not (Path(d) / "model.pt").exists():
             raise CoregError(f"{storage}/{name}: the last checkpoint is epoch {state['epoch'] + 1}, "
                              f"config has {cfg.train.epochs} epochs (changed config on relaunch?)")
-        from coreg_ray.outputs import atomic_path
-
         with atomic_path(out / "model.pt") as tmp:
             shutil.copyfile(Path(d) / "model.pt", tmp)
     history = state["history"]
     ray_info = state.get("ray") or {}
-    final = history[-1] if history else {}
-    metrics = {
-        "test_accuracy": final.get("test_accuracy"),
-        "annotator_accuracy": stats.get("ensemble_accuracy"),
-        "partial_accuracy": stats.get("partial_accuracy"),
-        "avg_candidates": stats["avg_candidates"],
-        "epochs": cfg.train.epochs, "warmup_epochs": cfg.train.warmup_epochs,
-        "seconds": state.get("elapsed"), "wall_seconds": wall,
-        "train_images": len(train), "test_images": len(test) if test is not None else 0,
-        "backbone": cfg.model.backbone, "seed": cfg.train.seed,
-        "annotator": ann.meta.get("annotator"),
-        "workers": workers, "gpus_per_worker": gpus_per_worker,
-        "restored_from_epochs": ray_info.get("restores", []),
-        "ray_storage": f"{storage}/{name}",
-        "history": history,
-    }
-    from coreg_ray.cli import _write_json
-
-    _write_json(out / "metrics.json", metrics)
-    if client is not None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in numeric(
-            {k: v for k, v in metrics.items() if k != "history" and v is not None}).items()])
-        for f in ("metrics.json", "config.yaml", "model.pt"):
-            client.log_artifact(run_id, str(out / f))
-        client.set_terminated(run_id, "FINISHED")
-        metrics["mlflow_run_id"] = run_id
+    final = {"test_accuracy": history[-1].get("test_accuracy") if history else None,
+             "seconds": state.get("elapsed")}
+    metrics = run_metrics(cfg, train, test, ann, stats, final, wall, history)
+    del metrics["history"]  # the Ray keys come before it, as they always did
+    metrics.update(workers=workers, gpus_per_worker=gpus_per_worker,
+                   restored_from_epochs=ray_info.get("restores", []),
+                   ray_storage=f"{storage}/{name}", history=history)
+    write_json_atomic(out / "metrics.json", metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None},
+                        step=0)
+    for f in ("metrics.json", "config.yaml", "model.pt"):
+        tracker.log_artifact(out / f)
+    tracker.end()
+    if tracker.run_id is not None:
+        metrics["mlflow_run_id"] = tracker.run_id
     return metrics
 
 

@@ -38,7 +38,6 @@ Sweep file (YAML):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -50,7 +49,9 @@ import numpy as np
 import yaml
 
 from coreg_ray.config import load_yaml_mapping
-from coreg_ray.errors import CoregError, require
+from coreg_ray.distributed.tracking import MLflowClientRun, NoTracker
+from coreg_ray.errors import CoregError
+from coreg_ray.outputs import check_output_dir, write_json_atomic
 
 SEARCHABLE = ("train.warmup_epochs", "coreg.beta1", "coreg.beta2", "coreg.sharpen_T",
               "coreg.proto_temp", "coreg.cont_temp", "train.lr")
@@ -300,47 +301,39 @@ def _trial(params, *, base, data, checkpoint_every):
 
 
 # ---------------------------------------------------------------------------- MLflow (driver)
-def _mlflow_callback(client, exp_id, parent_id, base_cfg):
-    from mlflow.entities import Metric, Param
+def _mlflow_callback(parent, base_cfg):
     from ray import tune
 
     class MLflowChildRuns(tune.Callback):
         """Each trial = an MLflow child run of the sweep's parent run (logged by the driver)."""
 
         def __init__(self):
-            self.runs = {}
+            self.runs = {}  # trial id -> its MLflowClientRun
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id in self.runs:
                 return
             cfg = _resolved(base_cfg, trial.config)
-            run = client.create_run(exp_id, run_name=f"trial-{trial.trial_id}",
-                                    tags={"mlflow.parentRunId": parent_id,
-                                          "tune.trial_id": trial.trial_id})
-            params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(run.info.run_id, params=params[i:i + 100])
-            self.runs[trial.trial_id] = run.info.run_id
+            self.runs[trial.trial_id] = parent.child(f"trial-{trial.trial_id}",
+                                                     {"tune.trial_id": trial.trial_id},
+                                                     params=cfg.flat())
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
+            run = self.runs.get(trial.trial_id)
+            if run is None:
                 return
             step = int(result.get("epoch", result.get("training_iteration", 0)))
-            ts = int(time.time() * 1000)
-            ms = [Metric(k, float(v), ts, step) for k, v in result.items()
-                  if k in _LOGGED or k.startswith(("loss", "p_", "pseudo_", "val_"))
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-            if ms:
-                client.log_batch(run_id, metrics=ms)
+            run.log_metrics({k: v for k, v in result.items()
+                             if k in _LOGGED or k.startswith(("loss", "p_", "pseudo_", "val_"))},
+                            step=step)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if trial.trial_id in self.runs:
-                client.set_terminated(self.runs[trial.trial_id], "FINISHED")
+                self.runs[trial.trial_id].end()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if trial.trial_id in self.runs:
-                client.set_terminated(self.runs[trial.trial_id], "FAILED")
+                self.runs[trial.trial_id].end(Exception)  # FAILED
 
     return MLflowChildRuns()
 
@@ -375,8 +368,6 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     if num_samples:
         sweep.num_samples = num_samples
     base_cfg = sweep.base_config()
-    from coreg_ray.outputs import check_output_dir
-
     out = check_output_dir(output or sweep.output)  # before the data is read: nothing written
     train, ann, test, held = load_sweep_data(sweep, image_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,9 +375,9 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     log(f"sweep: {sweep.num_samples} trials, {len(train) - len(held)} train / {len(held)} held-out "
         f"images, metric {sweep.metric} ({sweep.mode}), {base_cfg.train.epochs} epochs each")
 
-    from coreg_ray.distributed.train import ensure_ray
+    from coreg_ray.runs import start_ray
 
-    ray = ensure_ray(ray_address)
+    ray, _ = start_ray(ray_address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -402,30 +393,15 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
         storage = str(Path(storage).resolve())
     name = sweep.name or time.strftime("tune-%Y%m%d-%H%M%S")
 
-    client = parent_id = exp_id = None
-    callbacks = []
-    if mlflow and base_cfg.tracking.mlflow:
-        require("mlflow", "mlflow")
-        import logging
-
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        from coreg_ray.distributed.tracking import tracking_uri
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        client = MlflowClient(tracking_uri(base_cfg.tracking.tracking_uri))
-        exp = client.get_experiment_by_name(base_cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(base_cfg.tracking.experiment)
-        parent = client.create_run(exp_id, run_name=name, tags={"coreg.sweep": "true",
-                                                                "output": str(out.resolve())})
-        parent_id = parent.info.run_id
-        params = [Param("sweep.metric", sweep.metric), Param("sweep.mode", sweep.mode),
-                  Param("sweep.num_samples", str(sweep.num_samples)),
-                  Param("sweep.scheduler", json.dumps(sweep.scheduler)),
-                  Param("sweep.search", json.dumps(sweep.search)[:6000])]
-        client.log_batch(parent_id, params=params)
-        callbacks.append(_mlflow_callback(client, exp_id, parent_id, base_cfg))
+    tracker, callbacks = NoTracker(), []
+    if mlflow and base_cfg.tracking.mlflow:  # a parent run for the sweep, a child per trial
+        tracker = MLflowClientRun.open(
+            base_cfg, name, tags={"coreg.sweep": "true", "output": str(out.resolve())},
+            params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
+                    "sweep.num_samples": sweep.num_samples,
+                    "sweep.scheduler": json.dumps(sweep.scheduler),
+                    "sweep.search": json.dumps(sweep.search)})
+        callbacks.append(_mlflow_callback(tracker, base_cfg))
 
     res = {k.lower(): v for k, v in (sweep.resources or {}).items()}
     resources = {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)}
@@ -448,8 +424,7 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     try:
         grid = tuner.fit()
     except BaseException as exc:
-        if client is not None:
-            client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.end(exc)
         raise
     wall = time.perf_counter() - t0
 
@@ -465,11 +440,11 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
             "checkpoint": r.checkpoint, "path": r.path})
     ok = [t for t in trials if t["error"] is None and t.get(sweep.metric) is not None]
     if not ok:
-        if client is not None:
-            client.set_terminated(parent_id, "FAILED")
         errs = [t["error"] for t in trials if t["error"]]
-        raise CoregError(f"sweep: no trial reported {sweep.metric}"
+        err = CoregError(f"sweep: no trial reported {sweep.metric}"
                          + (f" (first error: {errs[0]})" if errs else ""))
+        tracker.end(err)
+        raise err
     pool = [t for t in ok if t["completed"]] or ok
     sign = 1 if sweep.mode == "max" else -1
     best = max(pool, key=lambda t: sign * t[sweep.metric])
@@ -506,28 +481,22 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
         "ranking": ranking,
         "trials": [{k: v for k, v in t.items() if k != "checkpoint"} for t in trials],
     }
-    from coreg_ray.cli import _write_json
-
-    _write_json(out / "sweep.json", summary)
-    if client is not None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        ms = {f"best_{k}": best[k] for k in METRICS if best.get(k) is not None}
-        ms.update({k: v for k, v in ranking.items() if v is not None})
-        ms.update(wall_seconds=wall, trials_completed=summary["trials_completed"],
-                  trials_stopped_early=summary["trials_stopped_early"])
-        client.log_batch(parent_id, metrics=[Metric(k, float(v), ts, 0) for k, v in ms.items()])
-        client.set_tag(parent_id, "best_trial_id", str(best["trial_id"]))
-        for f in (out / "sweep.json", best_dir / "config.yaml", best_dir / "model.pt"):
-            if f.exists():
-                client.log_artifact(parent_id, str(f), "best" if f.parent == best_dir else None)
-        child = callbacks[0].runs.get(best["trial_id"]) if callbacks else None
-        if child and have_model:
-            client.log_artifact(child, str(best_dir / "model.pt"))
-            client.set_tag(child, "best_trial", "true")
-        client.set_terminated(parent_id, "FINISHED")
-        summary["mlflow_parent_run_id"] = parent_id
+    write_json_atomic(out / "sweep.json", summary)
+    ms = {f"best_{k}": best[k] for k in METRICS if best.get(k) is not None}
+    ms.update({k: v for k, v in ranking.items() if v is not None})
+    ms.update(wall_seconds=wall, trials_completed=summary["trials_completed"],
+              trials_stopped_early=summary["trials_stopped_early"])
+    tracker.log_metrics(ms, step=0)
+    tracker.set_tag("best_trial_id", str(best["trial_id"]))
+    for f in (out / "sweep.json", best_dir / "config.yaml", best_dir / "model.pt"):
+        tracker.log_artifact(f, "best" if f.parent == best_dir else None)
+    child = callbacks[0].runs.get(best["trial_id"]) if callbacks else None
+    if child and have_model:
+        child.log_artifact(best_dir / "model.pt")
+        child.set_tag("best_trial", "true")
+    tracker.end()
+    if tracker.run_id is not None:
+        summary["mlflow_parent_run_id"] = tracker.run_id
     return summary
 
 

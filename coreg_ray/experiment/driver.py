@@ -181,19 +181,6 @@ def _write_atomic(path: Path, text: str):
     write_text_atomic(path, text)
 
 
-def _start_ray(log):
-    from coreg_ray.errors import require
-
-    ray = require("ray", "ray")
-    if not ray.is_initialized():
-        import logging
-
-        # RAY_ADDRESS set (inside `ray job submit`, or by the user): join that cluster;
-        # otherwise start a local Ray with this machine's resources.
-        ray.init(logging_level=logging.WARNING)
-    return ray
-
-
 def run_experiment(config, output_dir, overrides=(), parallel: int | None = None,
                    resume: bool = True, mlflow: bool | None = None, log=print) -> Table:
     """Run (or finish) an experiment; returns the table (also in OUTPUT/table.{md,csv}).
@@ -340,7 +327,8 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
     in_flight: dict = {}
     if todo:
         try:
-            ray = _start_ray(log)
+            from coreg_ray.runs import start_ray
+            ray, _ = start_ray()  # joins RAY_ADDRESS's cluster, else starts a local Ray
             res = exp.resources
             opts = {"num_cpus": res.get("num_cpus", 1), "num_gpus": res.get("num_gpus", 0),
                     "max_retries": 0}
