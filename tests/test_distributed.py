@@ -286,7 +286,7 @@ def test_distributed_train_input_errors_are_one_line_before_ray_starts(tmp_path,
     common = ["train", "--images", "digits:test", "--annotations", str(tmp_path / "ann.parquet"),
               "--output", str(tmp_path / "o"), "--no-mlflow"]
     for extra, message in [(["--workers", "2", "--set", "model.backbone=nope"], "unknown backbone"),
-                           (["--workers", "-1"], "--workers must be >= 1"),
+                           (["--workers", "-1"], "--workers: -1 is out of range"),
                            (["--workers", "2", "--set", "train.warmup_epochs=900"], "warmup_epochs")]:
         capsys.readouterr()
         assert main(common + extra) == 2
