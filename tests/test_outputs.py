@@ -187,3 +187,36 @@ def test_every_writing_command_checks_its_output_location(tmp_path, capsys, monk
             "unwritable": "cannot be written"}[where] in err, err
     assert _files(tmp_path) == before
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_checkpoint_and_model_writes_leave_no_temp_file_on_failure(digits, tmp_path, monkeypatch):
+    """torch.save dying half-way (Ctrl-C, disk full) leaves the previous file and no *.tmp."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from coreg_ray.coreg import trainer as trainer_mod
+    from coreg_ray.data import synthetic_annotations
+    from tests.conftest import tiny_config
+
+    train, _ = digits
+    train = train.subset(np.arange(200))
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
+    t = trainer_mod.CoReg(tiny_config(**{"train.epochs": 1, "train.warmup_epochs": 1}), progress=False)
+    t.fit(train, ann, output_dir=tmp_path)
+    ckpt, model = tmp_path / "checkpoint.pt", tmp_path / "model.pt"
+    t.save_model(model)
+    before = {p: p.read_bytes() for p in (ckpt, model)}
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save({"partial": True}, f)  # something is on disk already
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint(ckpt, 0)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_model(model)
+    assert {p: p.read_bytes() for p in (ckpt, model)} == before
+    assert not list(tmp_path.glob("*.tmp"))

@@ -487,9 +487,10 @@ class CoReg:
         """Atomic: write a temp file, then rename over the old checkpoint."""
         if self.comm.rank != 0:
             return
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.checkpoint_state(epoch), tmp)
-        os.replace(tmp, path)
+        from coreg_ray.outputs import atomic_path
+
+        with atomic_path(path) as tmp:  # the temp file is removed on any failure, Ctrl-C too
+            torch.save(self.checkpoint_state(epoch), tmp)
 
     def load_checkpoint(self, path) -> None:
         self.load_state(read_checkpoint(path), str(path))
@@ -534,7 +535,7 @@ class CoReg:
                 "nets": [{k: v.cpu() for k, v in n.state_dict().items()} for n in self.raw_nets]}
 
     def save_model(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.export(), tmp)
-        os.replace(tmp, path)
+        from coreg_ray.outputs import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save(self.export(), tmp)
