@@ -9,6 +9,11 @@ place, `_Section.__setattr__`, so a value is checked however it arrives: a YAML 
 `--set key=value`, a sweep's search space, an experiment file, or code assigning
 `cfg.train.epochs = n`. A bad value is one `CoregError` line naming the key, the value and the
 valid range. The one rule between keys (warm-up not longer than the run) is `check_schedule`.
+
+Every user YAML file (config, sweep, experiment) is read by `load_yaml_mapping`, and every
+`section.key=value` override (`--set`, a sweep's or an experiment's overrides) is parsed by
+`parse_override`; nothing else in the package reads one or splits one by itself
+(tests/test_config_loader.py checks it).
 """
 from __future__ import annotations
 
@@ -46,6 +51,20 @@ def load_yaml_mapping(path, what: str, expected: str = "a mapping") -> dict:
     if not isinstance(data, dict):
         raise CoregError(f"{what} {p} must hold {expected}, got {type(data).__name__}")
     return data
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """`"section.key=value"` -> `("section.key", value)`, the value typed by YAML (`1e-3`,
+    `true`, `null`, `[1, 2]`; an empty value is None). Everything after the first `=` is the
+    value. The key's shape and the value's range are `Config.set`'s to check."""
+    key, eq, raw = str(item).partition("=")
+    if not eq or not key.strip():
+        raise CoregError(f"override '{item}' must look like section.key=value")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise CoregError(f"override '{item}': the value is not valid YAML: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------ valid values
@@ -287,13 +306,16 @@ class Config:
     # --- construction -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None) -> "Config":
-        cfg = cls()
+        return cls().update(data)
+
+    def update(self, data: dict | None, where: str = "config") -> "Config":
+        """Set every key of a `{section: {key: value}}` mapping; errors name `where`. Returns self."""
         for section, values in (data or {}).items():
             if not isinstance(values, dict):
-                raise CoregError(f"config: section '{section}' must be a mapping, got {values!r}")
+                raise CoregError(f"{where}: section '{section}' must be a mapping, got {values!r}")
             for key, value in values.items():
-                cfg.set(f"{section}.{key}", value)
-        return cfg
+                self.set(f"{section}.{key}", value)
+        return self
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
@@ -301,13 +323,13 @@ class Config:
         """The config of `path` (YAML; else `base`, a `to_dict()` mapping; else the defaults)
         with `section.key=value` overrides on top."""
         data = load_yaml_mapping(path, "config file", "a mapping of sections") if path else base or {}
-        cfg = cls.from_dict(data)
-        for item in overrides or []:
-            if "=" not in item:
-                raise CoregError(f"override '{item}' must look like section.key=value")
-            key, raw = item.split("=", 1)
-            cfg.set(key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-        return cfg
+        return cls.from_dict(data).apply_overrides(overrides)
+
+    def apply_overrides(self, overrides=()) -> "Config":
+        """Set each `section.key=value` (`parse_override`) in order; returns self."""
+        for item in overrides or ():
+            self.set(*parse_override(item))
+        return self
 
     def set(self, dotted: str, value) -> None:
         parts = dotted.split(".")

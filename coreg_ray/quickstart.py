@@ -8,18 +8,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coreg_ray.config import Config
+from coreg_ray.config import Config, load_yaml_mapping
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
 
 def quickstart_config(epochs: int | None = None, seed: int = 0) -> Config:
-    from importlib.resources import files
+    from importlib.resources import as_file, files
 
-    text = files("coreg_ray").joinpath("quickstart.yaml").read_text()
-    import yaml
-
-    cfg = Config.from_dict(yaml.safe_load(text))
+    with as_file(files("coreg_ray").joinpath("quickstart.yaml")) as path:  # package data
+        cfg = Config.from_dict(load_yaml_mapping(path, "quickstart config", "a mapping of sections"))
     if epochs is not None:
         cfg.train.epochs = epochs
         cfg.train.warmup_epochs = min(cfg.train.warmup_epochs, max(1, epochs // 3))

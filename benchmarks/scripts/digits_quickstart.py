@@ -11,7 +11,6 @@ import json
 import time
 
 import torch
-import yaml
 
 from coreg_ray.data import SimulatedVLM, annotation_stats, load_image_table
 from coreg_ray.methods import run_method
@@ -34,9 +33,7 @@ for seed in args.seeds:
     for method in args.methods:
         cfg = quickstart_config(None, seed)
         cfg.tracking.mlflow = False
-        for kv in args.overrides:
-            key, raw = kv.split("=", 1)
-            cfg.set(key, yaml.safe_load(raw))
+        cfg.apply_overrides(args.overrides)
         t0 = time.time()
         out = run_method(method, cfg, train, ann, test)
         hist = [round(h["test_accuracy"], 4) for h in out["history"] if "test_accuracy" in h]

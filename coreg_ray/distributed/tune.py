@@ -104,13 +104,7 @@ class Sweep:
     def base_config(self):
         from coreg_ray.config import Config
 
-        cfg = Config.from_dict(self.base)
-        for item in getattr(self, "overrides", []):
-            if "=" not in item:
-                raise CoregError(f"override '{item}' must look like section.key=value")
-            k, v = item.split("=", 1)
-            cfg.set(k.strip(), yaml.safe_load(v) if v.strip() else None)
-        return cfg
+        return Config.from_dict(self.base).apply_overrides(getattr(self, "overrides", []))
 
     def validate(self):
         cfg = self.base_config()

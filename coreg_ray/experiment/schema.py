@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from coreg_ray.config import load_yaml_mapping
 from coreg_ray.errors import CoregError
 
@@ -221,17 +219,8 @@ class Experiment:
         from coreg_ray.config import Config
 
         cfg = Config.from_dict(self.config)
-        for section, values in (setting.config or {}).items():
-            if not isinstance(values, dict):
-                raise CoregError(f"setting '{setting.name}': config section '{section}' must be a mapping")
-            for k, v in values.items():
-                cfg.set(f"{section}.{k}", v)
-        for item in self.overrides:
-            if "=" not in item:
-                raise CoregError(f"override '{item}' must look like section.key=value")
-            k, v = item.split("=", 1)
-            cfg.set(k.strip(), yaml.safe_load(v) if v.strip() else None)
-        return cfg
+        cfg.update(setting.config, where=f"setting '{setting.name}': config")
+        return cfg.apply_overrides(self.overrides)
 
     def runs(self) -> list[dict]:
         """Every run, the first seed's first (so the table fills early)."""
