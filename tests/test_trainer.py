@@ -114,3 +114,26 @@ def test_bad_inputs_fail_with_one_line(digits):
         CoReg(tiny_config()).fit(train, empty)
     with pytest.raises(CoregError, match="unknown backbone"):
         CoReg(tiny_config(**{"model.backbone": "resnet9000"})).fit(train, ann)
+
+
+def test_epoch_seed_gives_the_seeds_every_recorded_run_was_made_with():
+    from coreg_ray.coreg.sampling import NET_STREAM, VIEW_STREAM, coreg_pass, epoch_seed
+
+    for seed, epoch, k, rank in [(0, 0, 0, 0), (0, 7, 1, 0), (3, 12, 1, 2), (42, 199, 0, 3)]:
+        assert epoch_seed(seed, epoch, k * NET_STREAM) == seed * 1_000_003 + epoch + 7_777 * k
+        assert epoch_seed(seed, epoch, rank=rank) == (seed * 1_000_003 + epoch) * 1009 + rank
+        assert epoch_seed(seed, coreg_pass(epoch, k)) == seed * 1_000_003 + epoch * 2 + k
+        assert (epoch_seed(seed, coreg_pass(epoch, k), VIEW_STREAM, rank)
+                == (seed * 1_000_003 + epoch * 2 + k + 7919) * 1009 + rank)
+
+
+def test_views_name_the_stacked_x_x_u_u_layout():
+    from coreg_ray.coreg.step import Views
+
+    x, u = torch.arange(3), torch.arange(10, 12)
+    v = Views.of(x, u, lambda t: t * 2)
+    assert v.stacked.tolist() == [0, 2, 4, 0, 2, 4, 20, 22, 20, 22]
+    assert (v.x1.tolist(), v.x2.tolist(), v.u1.tolist(), v.u2.tolist()) == (
+        [0, 2, 4], [0, 2, 4], [20, 22], [20, 22])
+    assert v.u.tolist() == [20, 22, 20, 22] and v.first.tolist() == [0, 2, 4, 20, 22]
+    assert [len(p) for p in Views.of(x, x[:0]).parts()] == [3, 3, 0, 0]

@@ -13,8 +13,9 @@ contrastive branch, which runs (key update, queue) from the first post-warm-up e
 its loss waits `coreg.feature_delay` epochs; prototypes follow P's weak features from then on.
 
 The whole training set lives on the device as uint8; views are made there (`DeviceAugment`).
-Every random draw is re-seeded per (seed, rank, epoch), so a resumed run replays exactly the
-epochs a killed run would have run, and N workers draw independent but reproducible views.
+Every random draw is re-seeded per (seed, rank, epoch) by `sampling.epoch_seed`, so a resumed
+run replays exactly the epochs a killed run would have run, and N workers draw independent but
+reproducible views.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ from coreg_ray.coreg.losses import (consistency_loss, contrastive_masks, divisio
                                     noisy_contrastive_loss, prototype_alignment_loss,
                                     uniform_prior_penalty, warmup_loss)
 from coreg_ray.coreg.models import build_model
+from coreg_ray.coreg.sampling import (NET_STREAM, VIEW_STREAM, coreg_pass, epoch_seed, shard,
+                                      split_batches)
+from coreg_ray.coreg.step import Mixed, Outputs, Targets, Views
 from coreg_ray.data.tables import ImageTable
 from coreg_ray.errors import CoregError
 # The device data, optimiser helpers, MoCo queue, checkpoint checks and inference live beside
@@ -53,6 +57,8 @@ from coreg_ray.coreg.optim import compile_nets, cosine_lr, make_sgd, set_lr  # n
 
 # Per-epoch loss terms of a Co-Reg epoch (summed per step, reported as means).
 LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
+# Per-epoch counts of a Co-Reg epoch (pseudo-label accuracy of P and U, steps).
+TALLIES = ("p_correct", "p_count", "u_correct", "u_count", "steps")
 
 
 class CoReg:
@@ -167,21 +173,13 @@ class CoReg:
 
     # ------------------------------------------------------------------------ batches
     def _shard(self, epoch: int, batch: int, stream: int = 0, keep_last: bool = False):
-        """This rank's batches of one epoch: a permutation shared by all ranks (seeded by epoch
-        and `stream`), dealt round-robin. `batch` is the global batch: each of W ranks takes
-        batch // W, and every rank gets the same number of batches of the same sizes (the
-        permutation's last n mod W samples sit out this epoch), so DDP's collectives match.
-        `keep_last` keeps the last partial batch (the reference's warm-up loader does)."""
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch + 7_777 * stream)
-        perm = torch.randperm(self.n, generator=g)
-        w = self.comm.world_size
-        mine = perm[:(self.n // w) * w][self.comm.rank::w].to(self.device)
-        batch = min(max(1, batch // w), len(mine))
-        steps = -(-len(mine) // batch) if keep_last else max(1, len(mine) // batch)
-        return [mine[i * batch:(i + 1) * batch] for i in range(steps)]
+        """This rank's index batches of a warm-up epoch; net k shuffles as `stream` k."""
+        return shard(self.n, epoch_seed(self.cfg.train.seed, epoch, stream * NET_STREAM), batch,
+                     self.comm, self.device, keep_last)
 
-    def _reseed(self, epoch: int):
-        seed = (self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.comm.rank
+    def _reseed(self, epoch: int, stream: int = 0):
+        """Re-seed this rank's view draws (augmentations, MixUp) for one epoch or pass."""
+        seed = epoch_seed(self.cfg.train.seed, epoch, stream, rank=self.comm.rank)
         self.aug.gen.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
@@ -291,7 +289,7 @@ class CoReg:
             key.load_state_dict(raw.state_dict())
         totals = None
         for a in range(2):
-            self._reseed(epoch * 2 + a + 7919)
+            self._reseed(coreg_pass(epoch, a), VIEW_STREAM)
             peer = 1 - a if c.co_pseudo_labels else a
             part = self.train_net(epoch, a, peer)
             self.comm.sync_buffers(self.raw_nets[a])  # net a is the peer (eval mode) next
@@ -306,168 +304,168 @@ class CoReg:
         return out
 
     def _split_batches(self, epoch: int, a: int, is_p: torch.Tensor):
-        """Index batches of P and of U for one net's epoch: as many steps as P fills full
-        batches on this rank; U is cycled to give every step a U batch of the same size.
-        Global batch, equal shares: every rank gets the same number of equal-sized batches
-        (the split is the same on all ranks), which DDP and the all_gathers need."""
-        r, w = self.comm.rank, self.comm.world_size
-        bs = max(1, self.cfg.train.batch_size // w)
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 2 + a)
-        p_idx = torch.nonzero(is_p.cpu()).view(-1)  # one host sync per epoch
-        u_idx = torch.nonzero(~is_p.cpu()).view(-1)
-        p_idx = p_idx[torch.randperm(len(p_idx), generator=g)]
-        u_idx = u_idx[torch.randperm(len(u_idx), generator=g)]
-        p_mine = p_idx[:(len(p_idx) // w) * w][r::w].to(self.device)
-        u_mine = u_idx[:(len(u_idx) // w) * w][r::w].to(self.device)
-        if len(p_mine) == 0:
-            return []
-        bs = min(bs, len(p_mine))
-        steps = len(p_mine) // bs
-        batches = []
-        for i in range(steps):
-            ix = p_mine[i * bs:(i + 1) * bs]
-            iu = u_mine[(i * bs + torch.arange(bs, device=self.device)) % len(u_mine)] \
-                if len(u_mine) and self.cfg.coreg.use_unlabeled else None
-            batches.append((ix, iu))
-        return batches
+        """(P, U) index batches of net a's pass in a post-warm-up epoch."""
+        return split_batches(is_p, epoch_seed(self.cfg.train.seed, coreg_pass(epoch, a)),
+                             self.cfg.train.batch_size, self.comm, self.device,
+                             self.cfg.coreg.use_unlabeled)
 
     def train_net(self, epoch: int, a: int, peer: int) -> dict:
-        cfg, c = self.cfg, self.cfg.coreg
-        warm = cfg.train.warmup_epochs
-        use_proto = c.prototypes and epoch > warm + c.feature_delay
-        use_cont = c.contrastive and epoch > warm + c.feature_delay
-        net, raw, key, opt = self.nets[a], self.raw_nets[a], self.key_nets[a], self.opts[a]
-        w_all = self.split_w[peer]
-        batches = self._split_batches(epoch, a, w_all > c.p_threshold)
-        dev = self.device
-        acc = {k: torch.zeros((), device=dev) for k in
-               LOSS_TERMS + ("p_correct", "p_count", "u_correct", "u_count", "steps")}
+        """One pass of net `a` over net `peer`'s P/U split (itself without co-pseudo-labels).
+        Each step: targets from weak views, strong views and MixUp, forward, losses, step,
+        queue and prototype updates. Random draws and forwards come in the reference's order
+        (pinned by tests/test_reference_bookkeeping.py): reorder nothing."""
+        c, warm = self.cfg.coreg, self.cfg.train.warmup_epochs
+        features_on = epoch > warm + c.feature_delay  # their loss terms; their updates run always
+        use_proto, use_cont = c.prototypes and features_on, c.contrastive and features_on
+        net, key, opt = self.nets[a], self.key_nets[a], self.opts[a]
+        batches = self._split_batches(epoch, a, self.split_w[peer] > c.p_threshold)
+        acc = {k: torch.zeros((), device=self.device) for k in LOSS_TERMS + TALLIES}
         net.train()
         key.train()
-        self.raw_nets[peer].eval() if peer != a else None
+        if peer != a:
+            self.raw_nets[peer].eval()
         for step, (ix, iu) in enumerate(batches):
             ramp = min(1.0, max(0.0, (epoch - warm + step / len(batches)) / max(c.rampup_epochs, 1)))
-            bx = len(ix)
-            bu = 0 if iu is None else len(iu)
-            x, cand = self.images[ix], self.candidates[ix]
-            u = self.images[iu] if bu else x[:0]
-            # -- targets: weak views, no grad. As in the reference, the trained net sees each
-            #    weak view in its own train-mode forward (x_w1, x_w2, u_w1, u_w2), so its
-            #    BatchNorm statistics get four per-view updates per step.
-            with torch.no_grad(), self._autocast():
-                weak = self.aug.weak(torch.cat([x, x, u, u]))  # per-sample random: 4 views
-                views = [v for v in weak.split([bx, bx, bu, bu]) if len(v)]
-                outs = [raw(self._cl(v), project=True) for v in views]
-                prob_w = F.softmax(torch.cat([o[0] for o in outs]).float(), 1)
-                z_xw1 = outs[0][1]
-                px_own = 0.5 * (prob_w[:bx] + prob_w[bx:2 * bx])
-                w = w_all[ix]
-                peer_x = self.scores[peer][ix]
-                # With the agreement gate, P rows the nets disagree on get U-style targets (the
-                # peer's view of them is its divide-pass prediction); without it all stay P.
-                keep_p = (candidate_agreement(peer_x, px_own, cand) if c.agreement_gate
-                          else torch.ones_like(w, dtype=torch.bool))
-                targets_x = co_pseudo_labels(peer_x, peer_x, px_own, cand, w, keep_p, c.sharpen_T,
-                                             c.u_targets_in_candidates)
-                if bu:
-                    pu_own = 0.5 * (prob_w[2 * bx:2 * bx + bu] + prob_w[2 * bx + bu:])
-                    pu_peer = pu_own
-                    if peer != a:
-                        peer_logits = self.raw_nets[peer](self._cl(weak[2 * bx:])).float()
-                        pp = F.softmax(peer_logits, 1)
-                        pu_peer = 0.5 * (pp[:bu] + pp[bu:])
-                    targets_u = co_pseudo_labels(pu_peer, pu_peer, pu_own, self.candidates[iu],
-                                                 torch.zeros(bu, device=dev),
-                                                 torch.zeros(bu, dtype=torch.bool, device=dev),
-                                                 c.sharpen_T, c.u_targets_in_candidates)
-                else:
-                    targets_u = targets_x[:0]
-            # -- strong views and MixUp over P and U
-            inputs = self.aug.strong(torch.cat([x, x, u, u]))  # one batched call for all views
-            xs1, xs2, us1, us2 = inputs.split([bx, bx, bu, bu])
-            targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
-            is_p = torch.cat([keep_p, keep_p,
-                              torch.zeros(2 * bu, dtype=torch.bool, device=dev)])
-            lam = float(self.rng.beta(c.mixup_alpha, c.mixup_alpha))
-            partner = torch.randperm(len(inputs), generator=self.aug.gen, device=dev)
-            x_mix, t_mix = mixup(inputs, targets, lam, partner)
-            m = len(inputs)
-            hard = torch.cat([targets_x, targets_u]).argmax(1)
-            q_is_p = torch.cat([is_p[:bx], is_p[2 * bx:2 * bx + bu]])
-            # -- forward: the mixed batch, then (the reference's contrastive branch, run every
-            #    step once the warm-up is over, also before its loss is switched on) the unmixed
-            #    first strong views through the query net and the second through the key net
-            anchor = c.candidate_loss_weight > 0
-            with self._autocast():
-                logits, z = net(self._cl(x_mix), project=True)
-            logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
-            branch = c.contrastive or anchor
-            if branch:
-                with torch.set_grad_enabled(use_cont or anchor), self._autocast():
-                    logits_q, zq = raw(self._cl(torch.cat([xs1, us1])), project=True)
-                logits_q, zq = logits_q.float(), zq.float()
-            if c.contrastive:
-                with torch.no_grad():
-                    kp = list(key.parameters())  # momentum update before the keys (reference)
-                    torch._foreach_mul_(kp, c.key_momentum)
-                    torch._foreach_add_(kp, [p.detach() for p in raw.parameters()],
-                                        alpha=1.0 - c.key_momentum)
-                    with self._autocast():
-                        _, k = key(self._cl(torch.cat([xs2, us2])), project=True)
-                    k = k.float()
-            # -- losses
-            lx, lu = consistency_loss(logits, t_mix, is_p)
-            loss = lx + c.lambda_u * ramp * lu
-            if c.prior_penalty:
-                loss = loss + uniform_prior_penalty(logits)
-            lcand = lprot = lcont = torch.zeros((), device=dev)
-            if anchor:  # the unmixed first strong views of P and U vs their candidate sets
-                cand_u = self.candidates[iu] if bu else cand[:0]
-                lcand = warmup_loss(logits_q, torch.cat([cand, cand_u]))
-                loss = loss + c.candidate_loss_weight * lcand
-            if use_proto:
-                lprot = prototype_alignment_loss(z, self.prototypes, t_mix, is_p, c.proto_temp,
-                                                 c.lambda_u)
-                loss = loss + c.beta1 * lprot
-            if use_cont:
-                queue = self.queues[a]
-                pos, kept = contrastive_masks(hard, q_is_p, queue.labels, queue.is_p,
-                                              c.noisy_contrastive)
-                lcont = noisy_contrastive_loss(zq, torch.cat([zq, k, queue.feats]), pos, kept,
-                                               c.cont_temp)
-                loss = loss + c.beta2 * lcont
-            # -- step
-            opt.zero_grad(set_to_none=True)
+            x = self.images[ix]
+            u = self.images[iu] if iu is not None else x[:0]
+            t = self._targets(a, peer, ix, iu, x, u)  # weak views, no grad: P and U targets
+            mixed = self._strong_mixup(x, u, t)  # strong views, MixUp over P and U
+            out = self._forward(a, mixed, grad_query=use_cont or c.candidate_loss_weight > 0)
+            loss, terms = self._losses(a, out, t, mixed, ix, iu, ramp, use_proto, use_cont)
+            opt.zero_grad(set_to_none=True)  # step
             loss.backward()
             opt.step()
-            # -- queue and prototypes: updated every post-warm-up step (reference), whether or
-            #    not their loss terms are on yet
-            with torch.no_grad():
-                if c.contrastive:
-                    self.queues[a].push(self.comm.all_gather(k), self.comm.all_gather(hard),
-                                        self.comm.all_gather(q_is_p))
-                # Prototypes (shared by both nets) follow the weak-view features of P samples.
-                self.prototypes = update_prototypes(
-                    self.prototypes, self.comm.all_gather(z_xw1.float()),
-                    self.comm.all_gather(hard[:bx]), self.comm.all_gather(keep_p),
-                    c.proto_gamma)
-                acc["loss"] += loss.detach()
-                acc["loss_x"] += lx.detach()
-                acc["loss_u"] += lu.detach()
-                acc["loss_prot"] += lprot.detach()
-                acc["loss_cont"] += lcont.detach()
-                acc["loss_cand"] += lcand.detach()
-                acc["steps"] += 1
-                if self.labels is not None:  # gated-out P rows count as U (trained as U)
-                    right = hard[:bx] == self.labels[ix]
-                    acc["p_correct"] += (right & keep_p).sum()
-                    acc["p_count"] += keep_p.sum()
-                    acc["u_correct"] += (right & ~keep_p).sum()
-                    acc["u_count"] += (~keep_p).sum()
-                    if bu:
-                        acc["u_correct"] += (hard[bx:] == self.labels[iu]).sum()
-                        acc["u_count"] += bu
+            self._update_queue_and_prototypes(a, out, t)
+            self._tally(acc, loss, terms, t, ix, iu)
         return acc
+
+    @torch.no_grad()
+    def _targets(self, a: int, peer: int, ix, iu, x, u) -> Targets:
+        """As in the reference, the trained net sees each weak view in its own train-mode
+        forward (x1, x2, u1, u2), so its BatchNorm statistics get four per-view updates."""
+        raw = self.raw_nets[a]
+        with self._autocast():
+            weak = Views.of(x, u, self.aug.weak)  # per-sample random: 4 views
+            outs = [raw(self._cl(v), project=True) for v in weak.parts() if len(v)]
+            prob = weak.like(F.softmax(torch.cat([o[0] for o in outs]).float(), 1))
+            targets_x, keep_p = self._p_targets(peer, ix, 0.5 * (prob.x1 + prob.x2))
+            targets_u = (self._u_targets(a, peer, iu, weak, 0.5 * (prob.u1 + prob.u2))
+                         if len(u) else targets_x[:0])
+        soft = Views.of(targets_x, targets_u)
+        is_p = Views.of(keep_p, torch.zeros(len(u), dtype=torch.bool, device=self.device))
+        return Targets(soft, is_p, soft.first.argmax(1), outs[0][1])
+
+    def _p_targets(self, peer: int, ix, own):
+        """P rows: co-pseudo-labels from the peer's divide-pass scores and this net's weak-view
+        prediction `own`, weighted by the peer's clean probability. With the agreement gate, P
+        rows the nets disagree on get U-style targets (keep_p False); without it all stay P."""
+        c = self.cfg.coreg
+        peer_x, cand, w = self.scores[peer][ix], self.candidates[ix], self.split_w[peer][ix]
+        keep_p = (candidate_agreement(peer_x, own, cand) if c.agreement_gate
+                  else torch.ones_like(w, dtype=torch.bool))
+        return co_pseudo_labels(peer_x, peer_x, own, cand, w, keep_p, c.sharpen_T,
+                                c.u_targets_in_candidates), keep_p
+
+    def _u_targets(self, a: int, peer: int, iu, weak: Views, own):
+        """U rows: co-pseudo-labels from the peer's eval-mode prediction on the same two weak
+        views (this net's `own` without a peer), with no P weight."""
+        c, bu = self.cfg.coreg, len(iu)
+        by_peer = own
+        if peer != a:
+            u1, u2 = F.softmax(self.raw_nets[peer](self._cl(weak.u)).float(), 1).split([bu, bu])
+            by_peer = 0.5 * (u1 + u2)
+        return co_pseudo_labels(by_peer, by_peer, own, self.candidates[iu],
+                                torch.zeros(bu, device=self.device),
+                                torch.zeros(bu, dtype=torch.bool, device=self.device),
+                                c.sharpen_T, c.u_targets_in_candidates)
+
+    def _strong_mixup(self, x, u, t: Targets) -> Mixed:
+        """Strong views of [x, x, u, u] (one batched call), then MixUp over P and U together."""
+        c = self.cfg.coreg
+        strong = Views.of(x, u, self.aug.strong)
+        lam = float(self.rng.beta(c.mixup_alpha, c.mixup_alpha))
+        partner = torch.randperm(len(strong.stacked), generator=self.aug.gen, device=self.device)
+        return Mixed(strong, *mixup(strong.stacked, t.soft.stacked, lam, partner))
+
+    def _forward(self, a: int, mixed: Mixed, grad_query: bool) -> Outputs:
+        """The mixed batch; then the reference's contrastive branch (every step once the warm-up
+        is over, also before its loss is switched on): the first strong views through the query
+        net, the key net's momentum update, the second strong views through the key net."""
+        c, raw, key = self.cfg.coreg, self.raw_nets[a], self.key_nets[a]
+        with self._autocast():
+            logits, z = self.nets[a](self._cl(mixed.inputs), project=True)
+        logits, z = logits.float(), z.float()  # losses in fp32 (outside autocast)
+        logits_q = zq = k = None
+        if c.contrastive or c.candidate_loss_weight > 0:
+            with torch.set_grad_enabled(grad_query), self._autocast():
+                logits_q, zq = raw(self._cl(mixed.strong.first), project=True)
+            logits_q, zq = logits_q.float(), zq.float()
+        if c.contrastive:
+            with torch.no_grad():
+                kp = list(key.parameters())  # momentum update before the keys (reference)
+                torch._foreach_mul_(kp, c.key_momentum)
+                torch._foreach_add_(kp, [p.detach() for p in raw.parameters()],
+                                    alpha=1.0 - c.key_momentum)
+                with self._autocast():
+                    _, k = key(self._cl(mixed.strong.second), project=True)
+                k = k.float()
+        return Outputs(logits, z, logits_q, zq, k)
+
+    def _losses(self, a: int, out: Outputs, t: Targets, mixed: Mixed, ix, iu, ramp: float,
+                use_proto: bool, use_cont: bool):
+        """The step's loss and its terms (LOSS_TERMS but "loss")."""
+        c = self.cfg.coreg
+        lx, lu = consistency_loss(out.logits, mixed.targets, t.is_p.stacked)
+        loss = lx + c.lambda_u * ramp * lu
+        if c.prior_penalty:
+            loss = loss + uniform_prior_penalty(out.logits)
+        lcand = lprot = lcont = torch.zeros((), device=self.device)
+        if c.candidate_loss_weight > 0:  # the first strong views vs their candidate sets
+            cand = self.candidates[ix]
+            cand_u = self.candidates[iu] if iu is not None else cand[:0]
+            lcand = warmup_loss(out.logits_q, torch.cat([cand, cand_u]))
+            loss = loss + c.candidate_loss_weight * lcand
+        if use_proto:
+            lprot = prototype_alignment_loss(out.z, self.prototypes, mixed.targets,
+                                             t.is_p.stacked, c.proto_temp, c.lambda_u)
+            loss = loss + c.beta1 * lprot
+        if use_cont:
+            queue = self.queues[a]
+            pos, kept = contrastive_masks(t.hard, t.is_p.first, queue.labels, queue.is_p,
+                                          c.noisy_contrastive)
+            lcont = noisy_contrastive_loss(out.zq, torch.cat([out.zq, out.k, queue.feats]), pos,
+                                           kept, c.cont_temp)
+            loss = loss + c.beta2 * lcont
+        return loss, {"loss_x": lx, "loss_u": lu, "loss_prot": lprot, "loss_cont": lcont,
+                      "loss_cand": lcand}
+
+    @torch.no_grad()
+    def _update_queue_and_prototypes(self, a: int, out: Outputs, t: Targets) -> None:
+        """Every post-warm-up step (reference), whether or not their loss terms are on yet: net
+        a's queue takes the keys; the prototypes (shared by both nets) follow P's weak features."""
+        c, gather = self.cfg.coreg, self.comm.all_gather
+        if c.contrastive:
+            self.queues[a].push(gather(out.k), gather(t.hard), gather(t.is_p.first))
+        self.prototypes = update_prototypes(
+            self.prototypes, gather(t.z_weak.float()), gather(t.hard[:t.soft.bx]),
+            gather(t.is_p.x1), c.proto_gamma)
+
+    @torch.no_grad()
+    def _tally(self, acc: dict, loss, terms: dict, t: Targets, ix, iu) -> None:
+        acc["loss"] += loss.detach()
+        for name, term in terms.items():
+            acc[name] += term.detach()
+        acc["steps"] += 1
+        if self.labels is not None:  # gated-out P rows count as U (trained as U)
+            keep_p, bx = t.is_p.x1, len(ix)
+            right = t.hard[:bx] == self.labels[ix]
+            acc["p_correct"] += (right & keep_p).sum()
+            acc["p_count"] += keep_p.sum()
+            acc["u_correct"] += (right & ~keep_p).sum()
+            acc["u_count"] += (~keep_p).sum()
+            if iu is not None:
+                acc["u_correct"] += (t.hard[bx:] == self.labels[iu]).sum()
+                acc["u_count"] += len(iu)
 
     # ------------------------------------------------------------------------ persistence
     def checkpoint_state(self, epoch: int) -> dict:
