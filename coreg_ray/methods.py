@@ -13,6 +13,11 @@
   A variant's switches override the shared config; change them per run with `params`, dotted
   config keys applied last (`run_method("dividemix", ..., params={"coreg.lambda_u": 10})`).
 - the baselines of `coreg_ray.baselines.METHODS` (PLL losses, PiCO family, ALIM, KD).
+- `coop` / `lora`: few-shot fine-tuning of the annotator itself.
+
+Every name is registered once, with its table label and description, in
+`coreg_ray.method_registry` (`register_method`); `method_names()`, `describe()` and
+`method_info()` read it, and `run_method` dispatches on the registration's kind.
 
 Each returns a dict with at least `method`, `test_accuracy`, `seconds`, `epochs`, `history`.
 """
@@ -24,29 +29,56 @@ import yaml
 from coreg_ray.config import Config
 from coreg_ray.data.annotations import AnnotationTable, annotation_stats, ensemble_prediction
 from coreg_ray.errors import CoregError
+from coreg_ray.method_registry import MethodInfo, MethodView, lookup, register_method, registered
 
-# name -> (description, Co-Reg config overrides)
-COREG_VARIANTS = {
-    "coreg": ("Co-Reg (paper)", []),
-    "coreg_balanced": ("Co-Reg, class-balanced GMM split (ours)", ["coreg.class_balanced_split=true"]),
-    "coreg_no_copl": ("Co-Reg w/o co-pseudo-labeling (self labels)", ["coreg.co_pseudo_labels=false"]),
-    "coreg_supcon": ("Co-Reg, plain SupCon instead of noisy contrastive",
-                     ["coreg.noisy_contrastive=false"]),
-    "coreg_no_proto": ("Co-Reg w/o prototype alignment", ["coreg.prototypes=false"]),
-    "coreg_no_u": ("Co-Reg w/o the unlabeled split U", ["coreg.use_unlabeled=false"]),
-    "warmup_only": ("warm-up loss only (partial CE + neg. entropy), all epochs", None),
-    "dividemix": ("DivideMix on the ensemble label", [
+# Every method is registered once (label, description, kind) in `coreg_ray.method_registry`:
+# zero_shot (below, on its function), the Co-Reg variants and the few-shot methods here, the
+# baselines where they are defined (`coreg_ray.baselines.pll` / `pico`).
+# A Co-Reg variant's target: its Co-Reg config overrides (None: warm-up loss only, all epochs).
+for _name, _label, _description, _overrides in (
+    ("coreg", "Co-Reg", "Co-Reg (paper)", []),
+    ("coreg_balanced", "Co-Reg, class-balanced split", "Co-Reg, class-balanced GMM split (ours)",
+     ["coreg.class_balanced_split=true"]),
+    ("coreg_no_copl", "Co-Reg w/o co-pseudo-labels", "Co-Reg w/o co-pseudo-labeling (self labels)",
+     ["coreg.co_pseudo_labels=false"]),
+    ("coreg_supcon", "Co-Reg, plain SupCon", "Co-Reg, plain SupCon instead of noisy contrastive",
+     ["coreg.noisy_contrastive=false"]),
+    ("coreg_no_proto", "Co-Reg w/o prototypes", "Co-Reg w/o prototype alignment",
+     ["coreg.prototypes=false"]),
+    ("coreg_no_u", "Co-Reg w/o U", "Co-Reg w/o the unlabeled split U", ["coreg.use_unlabeled=false"]),
+    ("warmup_only", "Warm-up loss only", "warm-up loss only (partial CE + neg. entropy), all epochs",
+     None),
+    ("dividemix", "DivideMix (ensemble label)", "DivideMix on the ensemble label", [
         "coreg.prototypes=false", "coreg.contrastive=false", "coreg.distribution_alignment=false",
         "coreg.class_balanced_split=false", "coreg.prior_penalty=true", "coreg.lambda_u=25"]),
-}
-
+):
+    register_method(_name, label=_label, description=_description, kind="coreg", target=_overrides)
+del _name, _label, _description, _overrides
 
 # The paper's few-shot comparators: they fine-tune the annotator itself on k labelled images
 # per class (fewshot.shots); `params: {coop: {model: "clip:ViT-B-32/openai"}}` names the model.
-FEWSHOT = {
-    "coop": "CoOp: learned prompt context for the CLIP annotator (k shots per class)",
-    "lora": "LoRA fine-tuning of the LLaVA annotator (k shots per class)",
-}
+register_method("coop", label="CoOp", kind="fewshot",
+                description="CoOp: learned prompt context for the CLIP annotator (k shots per class)")
+register_method("lora", label="LoRA", kind="fewshot",
+                description="LoRA fine-tuning of the LLaVA annotator (k shots per class)")
+
+# The old tables, as live views of the registry: name -> (description, overrides) / description.
+COREG_VARIANTS = MethodView(lambda i: (i.description, i.target), kind="coreg")
+FEWSHOT = MethodView(lambda i: i.description, kind="fewshot")
+
+
+def load_methods() -> None:
+    """Import the modules that register methods outside this one (the baselines)."""
+    import coreg_ray.baselines  # noqa: F401
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registration of `name` (label, description, kind, target); unknown: CoregError."""
+    load_methods()
+    info = lookup(name)
+    if info is None:
+        raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+    return info
 
 
 def apply_variant_params(cfg: Config, params: dict | None, where: str) -> Config:
@@ -64,23 +96,16 @@ def apply_variant_params(cfg: Config, params: dict | None, where: str) -> Config
 
 
 def method_names() -> list[str]:
-    from coreg_ray.baselines import METHODS
-    return ["zero_shot", *COREG_VARIANTS, *METHODS, *FEWSHOT]
+    load_methods()
+    return [i.name for i in registered()]
 
 
 def describe(name: str) -> str:
-    from coreg_ray.baselines import METHODS
-    if name == "zero_shot":
-        return "zero-shot: the annotator's own vote-ensemble accuracy"
-    if name in COREG_VARIANTS:
-        return COREG_VARIANTS[name][0]
-    if name in FEWSHOT:
-        return FEWSHOT[name]
-    if name in METHODS:
-        return (METHODS[name].__doc__ or name).strip().split("\n")[0]
-    raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+    return method_info(name).description
 
 
+@register_method("zero_shot", label="Zero-shot (annotator, test)", kind="annotator",
+                 description="zero-shot: the annotator's own vote-ensemble accuracy")
 def zero_shot(test_annotations: AnnotationTable | None, test) -> dict:
     if test_annotations is None or test is None or test.labels is None:
         raise CoregError("zero_shot needs the test images' annotation table (with --test-images "
@@ -144,16 +169,17 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
                callbacks=(), progress: bool = False, model_path=None) -> dict:
     """Train (or, for zero_shot, just measure) one method; see the module doc. `model_path`:
     where to save the trained model (model.pt; Co-Reg variants only, the others have none)."""
-    from coreg_ray.baselines import METHODS, BaselineTrainer
+    from coreg_ray.baselines import BaselineTrainer
     from coreg_ray.coreg.trainer import CoReg
 
-    if name == "zero_shot":
+    info = method_info(name)  # unknown: one line naming the known ones
+    if info.kind == "annotator":
         return zero_shot(test_annotations, test)
-    if name in FEWSHOT:
+    if info.kind == "fewshot":
         return fewshot_method(name, cfg, train, test, params)
-    if name in COREG_VARIANTS:
+    if info.kind == "coreg":
         cfg = Config.from_dict(cfg.to_dict())  # never mutate the caller's config
-        overrides = COREG_VARIANTS[name][1]
+        overrides = info.target
         if overrides is None:  # warm-up only
             cfg.set("train.warmup_epochs", cfg.train.epochs)
         else:
@@ -165,11 +191,9 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
         apply_variant_params(cfg, params, name)
         ann = onehot_ensemble(annotations, cfg.train.seed) if name == "dividemix" else annotations
         trainer = CoReg(cfg, callbacks=callbacks, progress=progress)
-    elif name in METHODS:
+    else:  # a baseline: its Method class
         ann = annotations
-        trainer = BaselineTrainer(METHODS[name], cfg, params, callbacks=callbacks, progress=progress)
-    else:
-        raise CoregError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+        trainer = BaselineTrainer(info.target, cfg, params, callbacks=callbacks, progress=progress)
     final = trainer.fit(train, ann, test)
     if model_path is not None and hasattr(trainer, "save_model"):
         trainer.save_model(model_path)

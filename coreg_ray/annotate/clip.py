@@ -44,6 +44,7 @@ import torch
 from coreg_ray.annotate import logic
 from coreg_ray.annotate.imageio import (annotator_batch, decode_batch_bytes, decode_image,  # noqa: F401
                                       prepare_image)
+from coreg_ray.annotate.protocol import ModelAnnotator
 from coreg_ray.annotate.templates import build_prompts, resolve_classes, resolve_templates
 from coreg_ray.errors import CoregError, require
 
@@ -389,7 +390,7 @@ def _autocast(device, dtype):
     return torch.autocast(dev.type, dtype=dtype)
 
 
-class ClipAnnotator:
+class ClipAnnotator(ModelAnnotator):
     """One per Ray Data actor: loads the model once, embeds every template x class prompt once,
     then annotates batches (see the module doc for the batch format)."""
 
@@ -420,14 +421,6 @@ class ClipAnnotator:
         self.text = encode_prompts(self.model, tokenizer, build_prompts(self.templates, self.classes),
                                    self.device, autocast_dtype=self.autocast_dtype)
 
-    @property
-    def num_templates(self) -> int:
-        return len(self.templates)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def preprocess_cfg(self) -> dict:
         return dict(self.prep)
 
@@ -450,6 +443,10 @@ class ClipAnnotator:
         emb = self.encode_images(pixels)
         probs = logic.template_probs(emb, self.text, self.logit_scale).cpu()
         return logic.annotate_probs(probs, self.candidate_mode)
+
+    def annotate_batch(self, pixels, **_) -> dict:
+        """The `Annotator` protocol (`annotate.protocol`): uint8 [B,H,W,3] -> `annotate_pixels`."""
+        return self.annotate_pixels(pixels)
 
     def __call__(self, batch: dict) -> dict:
         pixels, out, ok = annotator_batch(batch, self.prep, "ClipAnnotator", self.num_templates,

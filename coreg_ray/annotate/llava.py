@@ -71,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coreg_ray.annotate.protocol import ModelAnnotator
 from coreg_ray.annotate.templates import resolve_classes
 from coreg_ray.errors import CoregError
 
@@ -696,7 +697,7 @@ def make_sampling_params(opts: LlavaOptions, classes):
     return SamplingParams(**kw)
 
 
-class LlavaAnnotator:
+class LlavaAnnotator(ModelAnnotator):
     """One per Ray Data actor (or in-process): holds one vLLM engine; annotates batches.
 
     Batch format as `ClipAnnotator`: ``id`` int64 [B]; ``pixels`` uint8 [B, S, S, 3] (the decode
@@ -732,14 +733,6 @@ class LlavaAnnotator:
         self.llm = llm if llm is not None else get_engine(self.spec.path, self.opts)
         self.sampling = make_sampling_params(self.opts, self.classes)
 
-    @property
-    def num_templates(self) -> int:
-        return len(self.templates)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def answer(self, images) -> list[list[str]]:
         """PIL images -> answers [B][K] (one vLLM call, image-major requests)."""
         images = list(images)
@@ -763,6 +756,11 @@ class LlavaAnnotator:
         rows = votes_to_rows(votes, self.num_classes, self.opts.no_answer, self.candidate_mode)
         rows.update(votes=votes, answers=answers)
         return rows
+
+    def annotate_batch(self, pixels, **_) -> dict:
+        """The `Annotator` protocol (`annotate.protocol`): uint8 [B,H,W,3] -> `annotate_images`."""
+        from PIL import Image
+        return self.annotate_images([Image.fromarray(p) for p in pixels])
 
     def __call__(self, batch: dict) -> dict:
         from PIL import Image

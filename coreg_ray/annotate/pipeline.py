@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from coreg_ray.annotate.imageio import decode_udf
+from coreg_ray.annotate.registry import annotator_class, find_annotator
 from coreg_ray.annotate.templates import resolve_classes, resolve_templates
 from coreg_ray.data.annotations import (META_KEY, AnnotationTable, merge_annotations,
                                         read_annotations, write_annotations)
@@ -387,10 +388,9 @@ def _parse_merge(merge) -> int | None:
 
 
 def _annotator_kind(spec) -> str:
-    s = str(spec)
-    for kind in ("clip", "llava"):
-        if s.startswith(kind + ":"):
-            return kind
+    kind = find_annotator(spec)  # the registry (annotate.registry): the kinds it runs here
+    if kind is not None and kind.pipeline:
+        return kind.prefix
     raise CoregError(f"annotator {spec!r}: this pipeline runs clip:MODEL[/PRETRAINED] and "
                      "llava:PATH_OR_HF_ID annotators")
 
@@ -550,14 +550,13 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                 if kind == "llava":
                     meta["llava"] = llava_settings
                 writer = _ShardWriter(parts, plan, pending, meta, k, c, save_probs, on_bad_image, source)
+                ann_cls = annotator_class(spec)  # ClipAnnotator / LlavaAnnotator
                 if kind == "clip":
-                    ann_cls = None
                     ann_kwargs = dict(spec=spec, classes=classes, templates=ann_tpls,
                                       candidate_mode=candidate_mode, image_size=image_size,
                                       precision=precision, logit_scale=logit_scale,
                                       allow_download=allow_download)
                 else:
-                    from coreg_ray.annotate.llava import LlavaAnnotator as ann_cls
                     ann_kwargs = dict(spec=spec, classes=classes, options=llava_opts,
                                       candidate_mode=candidate_mode, image_size=image_size,
                                       allow_download=allow_download)

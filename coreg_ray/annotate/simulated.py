@@ -32,6 +32,7 @@ import hashlib
 import numpy as np
 import torch
 
+from coreg_ray.annotate.protocol import FittedAnnotator, nchw, table_rows
 from coreg_ray.data.annotations import AnnotationTable, ensemble_prediction
 from coreg_ray.errors import CoregError
 
@@ -110,7 +111,7 @@ def draw_votes(lookalike: np.ndarray, ease: np.ndarray, labels: np.ndarray, a: f
     return votes, probs
 
 
-class PaperLikeAnnotator:
+class PaperLikeAnnotator(FittedAnnotator):
     """See the module doc. `fit(images, labels, C)` then `annotate(images, labels, ids)`."""
 
     def __init__(self, partial_acc: float, avg_candidates: float, zero_shot: float,
@@ -258,6 +259,12 @@ class PaperLikeAnnotator:
         meta = {"annotator": self.spec, "simulated": True, "num_classes": self.num_classes,
                 "calibrated": {"a": a, "s": s, "tau": tau}}
         return AnnotationTable(ids, cand, votes, probs.astype(np.float32), meta)
+
+    def annotate_batch(self, pixels, *, labels=None, ids=None, **_) -> dict:
+        """The `Annotator` protocol: uint8 [B, H, W, 3] and their true `labels` -> votes,
+        candidates, probs."""
+        self._fitted()
+        return table_rows(self.annotate(nchw(pixels), labels, ids))
 
 
 def lookalike_share(ann: AnnotationTable, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coreg_ray.baselines import register
 from coreg_ray.baselines.base import Method
 from coreg_ray.baselines.pico_losses import (alim_lambda, alim_weights, candidate_margin,
                                              ema_target, estimate_noise_level, knn_index,
@@ -37,6 +36,7 @@ from coreg_ray.baselines.pico_losses import (alim_lambda, alim_weights, candidat
 from coreg_ray.coreg.labels import sharpen, update_prototypes
 from coreg_ray.coreg.losses import partial_ce, soft_cross_entropy
 from coreg_ray.coreg.trainer import MoCoQueue
+from coreg_ray.method_registry import register_method
 
 _PICO_DEFAULTS = {
     "queue_size": 8192,  # --moco_queue (PiCO, CIFAR); scaled down on smaller sets (module doc)
@@ -94,7 +94,7 @@ class _PiCOBase(Method):
         return max(1, self.scaled(fraction))
 
 
-@register
+@register_method("pico", label="PiCO", kind="baseline")
 class PiCO(_PiCOBase):
     """PiCO (Wang et al., ICLR 2022): contrastive label disambiguation with class prototypes.
 
@@ -144,7 +144,7 @@ class PiCO(_PiCOBase):
         return {"loss": loss.detach(), "loss_cls": lcls.detach(), "loss_cont": lcont.detach()}
 
 
-@register
+@register_method("pico_plus", label="PiCO+", kind="baseline")
 class PiCOPlus(_PiCOBase):
     """PiCO+ (Wang et al., TPAMI 2023): PiCO + prototype-distance clean selection for noisy sets.
 
@@ -340,14 +340,14 @@ class _ALIM(_PiCOBase):
         return {"noise_level": self.noise_level, "lambda": self.lam}
 
 
-@register
+@register_method("alim_onehot", label="ALIM-Onehot", kind="baseline")
 class ALIMOnehot(_ALIM):
     __doc__ = "ALIM-Onehot (hard targets): " + _ALIM.__doc__
     name = "alim_onehot"
     soft = False
 
 
-@register
+@register_method("alim_scale", label="ALIM-Scale", kind="baseline")
 class ALIMScale(_ALIM):
     __doc__ = "ALIM-Scale (soft targets): " + _ALIM.__doc__
     name = "alim_scale"

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from coreg_ray.baselines import register
 from coreg_ray.baselines.base import Method
 from coreg_ray.baselines.losses import (candidate_confidence, cc_loss, complementary_loss,
                                         cr_confidence, kd_loss, kl_to_confidence, linear_ramp,
                                         lws_init, lws_loss, lws_weights, uniform_confidence,
                                         weighted_ce_loss)
 from coreg_ray.errors import CoregError, NotApplicable
+from coreg_ray.method_registry import register_method
 
 
-@register
+@register_method("cc", label="CC", kind="baseline")
 class CC(Method):
     """CC (Feng et al., NeurIPS 2020): minimise -log sum_{j in S} p_j. No hyperparameters of
     its own (the optimiser and schedule are the shared ones)."""
@@ -49,7 +49,7 @@ class _OneNet(Method):
         self.opts = [self.new_sgd(self.nets[0])]
 
 
-@register
+@register_method("proden", label="PRODEN", kind="baseline")
 class PRODEN(_OneNet):
     """PRODEN (Lv et al., ICML 2020, "Progressive identification of true labels for
     partial-label learning"): minimise -sum_j w_ij log p_ij with per-sample confidences w,
@@ -74,7 +74,7 @@ class PRODEN(_OneNet):
         return {"loss": loss.detach()}
 
 
-@register
+@register_method("rc", label="RC", kind="baseline")
 class RC(PRODEN):
     """RC (Feng et al., NeurIPS 2020, "Provably consistent partial-label learning", the
     risk-consistent estimator): the same loss as PRODEN, -sum_j w_ij log p_ij, with w
@@ -100,7 +100,7 @@ class RC(PRODEN):
         return {"loss": loss.detach()}
 
 
-@register
+@register_method("lws", label="LWS", kind="baseline")
 class LWS(_OneNet):
     """LWS (Wen et al., ICML 2021, "Leveraged weighted loss for partial label learning"),
     the sigmoid-loss version the paper evaluates: minimise
@@ -136,7 +136,7 @@ class LWS(_OneNet):
         return {"loss": loss.detach()}
 
 
-@register
+@register_method("cr_dpll", label="CR-DPLL", kind="baseline")
 class CRDPLL(_OneNet):
     """CR-DPLL (Wu, Wang & Zhang, ICML 2022, "Revisiting consistency regularization for deep
     partial label learning"): per-sample confidences q (uniform on the candidate set at first);
@@ -171,7 +171,7 @@ class CRDPLL(_OneNet):
         return {"loss": loss.detach(), "loss_sup": sup.detach(), "loss_cons": cons.detach()}
 
 
-@register
+@register_method("kd_unsup", label="KD_unsup", kind="baseline")
 class KDUnsup(_OneNet):
     """Knowledge distillation from the annotator with no labels (Hinton et al., 2015): the
     student minimises the soft cross-entropy to the annotator's mean template probabilities

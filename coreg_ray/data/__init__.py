@@ -1,10 +1,18 @@
 """Image tables, annotation tables, candidate-label generators and device augmentation."""
 from coreg_ray.data.annotations import (AnnotationTable, annotation_stats, candidate_matrix,
                                         merge_annotations, read_annotations, write_annotations)
-from coreg_ray.data.noise import (SimulatedVLM, apply_few_shot, few_shot_indices, simulate_vlm_annotator,
-                                  synthetic_annotations, synthetic_candidates)
+from coreg_ray.data.noise import (apply_few_shot, few_shot_indices, synthetic_annotations,
+                                  synthetic_candidates)
 from coreg_ray.data.tables import ImageTable, load_image_table, table_from_arrays, write_image_table
 
+
+def __getattr__(name):
+    # The weak-template stand-in annotator moved to coreg_ray.annotate.weak_templates; it is
+    # re-exported lazily so that importing coreg_ray.data loads nothing of coreg_ray.annotate.
+    if name in ("SimulatedVLM", "simulate_vlm_annotator"):
+        from coreg_ray.annotate import weak_templates
+        return getattr(weak_templates, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_run_inputs(images, annotations, test_images=None, image_size=None, limit=None):

@@ -9,15 +9,17 @@ from dataclasses import dataclass, field
 
 from coreg_ray.errors import CoregError
 from coreg_ray.experiment.schema import SHOT_FREE
+from coreg_ray.method_registry import MethodView
 
-SHORT_LABELS = {"zero_shot": "Zero-shot (annotator, test)", "warmup_only": "Warm-up loss only",
-                "dividemix": "DivideMix (ensemble label)", "coreg": "Co-Reg",
-                "coreg_balanced": "Co-Reg, class-balanced split", "kd_unsup": "KD_unsup",
-                "coreg_no_copl": "Co-Reg w/o co-pseudo-labels", "coreg_supcon": "Co-Reg, plain SupCon",
-                "coreg_no_proto": "Co-Reg w/o prototypes", "coreg_no_u": "Co-Reg w/o U",
-                "cc": "CC", "proden": "PRODEN", "rc": "RC", "lws": "LWS", "cr_dpll": "CR-DPLL",
-                "pico": "PiCO", "pico_plus": "PiCO+", "alim_onehot": "ALIM-Onehot",
-                "alim_scale": "ALIM-Scale", "coop": "CoOp", "lora": "LoRA"}
+
+def _load_methods() -> None:
+    from coreg_ray.methods import load_methods
+    load_methods()
+
+
+# name -> short row label: a view of the one method registry (`coreg_ray.method_registry`),
+# where every method is registered with its label
+SHORT_LABELS = MethodView(lambda info: info.label, load=_load_methods)
 
 
 # ============================================================================ the table (pure)
@@ -199,19 +201,9 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
 
 
 def method_label(name: str) -> str:
-    """Short row label: the method's description up to its first ':' or trailing '(...)'."""
-    if name in SHORT_LABELS:
-        return SHORT_LABELS[name]
-    try:
-        from coreg_ray.methods import describe
-
-        text = describe(name)
-    except Exception:  # unknown now (e.g. a method of a newer version): its name
-        return name
-    text = text.split(":")[0].strip()
-    if text.endswith(")") and " (" in text:
-        text = text[:text.rindex(" (")].strip()
-    return text or name
+    """Short row label: the label the method is registered with (`register_method`); a name
+    unknown here (e.g. a method of a newer version) is its own label."""
+    return SHORT_LABELS.get(name, name)
 
 
 def method_description(name: str) -> str:
