@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from coreg_ray.annotate.protocol import ModelAnnotator
-from coreg_ray.annotate.templates import resolve_classes
+from coreg_ray.annotate.templates import resolve_classes, template_list
 from coreg_ray.errors import CoregError
 
 ALLOW_DOWNLOAD_ENV = "COREG_RAY_ALLOW_DOWNLOAD"
@@ -105,11 +105,7 @@ def _format_fields(t: str, source: str, i: int) -> list[str]:
 def validate_llava_templates(templates, source: str = "llava templates") -> list[str]:
     """Every template must contain exactly one "{choices}" (where the class list goes) and no
     other format field (write literal braces as {{ }})."""
-    if isinstance(templates, str):
-        raise CoregError(f"{source}: expected a list of templates, got one string")
-    templates = list(templates)
-    if not templates:
-        raise CoregError(f"{source}: no templates")
+    templates = template_list(templates, source)
     for i, t in enumerate(templates, 1):
         if not isinstance(t, str) or not t.strip():
             raise CoregError(f"{source}: template {i} is empty or not a string ({t!r})")

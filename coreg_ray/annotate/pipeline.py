@@ -83,18 +83,11 @@ def input_files(images_path) -> list[Path]:
 
 def read_index(files: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
     """All ids (and labels where every file has a complete label column), in file order."""
-    import pyarrow.parquet as pq
+    from coreg_ray.data.tables import open_image_parquet
 
     ids, labels, with_labels = [], [], True
     for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as exc:
-            raise CoregError(f"{f}: not a readable Parquet file ({exc})")
-        cols = set(pf.schema_arrow.names)
-        for need in ("id", "image"):
-            if need not in cols:
-                raise CoregError(f"{f}: missing column '{need}' (has: {', '.join(sorted(cols))})")
+        pf, cols = open_image_parquet(f)
         want = ["id"] + (["label"] if "label" in cols and with_labels else [])
         tbl = pf.read(columns=want)
         if tbl.column("id").null_count:

@@ -158,13 +158,19 @@ GTSRB_PREFIX = "German Traffic Sign: "
 
 
 # ----------------------------------------------------------------------------- templates
-def validate_templates(templates, source: str = "templates") -> list[str]:
-    """Check every template has exactly one "{}" and no other format field; return a list."""
+def template_list(templates, source: str) -> list[str]:
+    """A non-empty list of templates (one string is refused: it is not a list), one line if not."""
     if isinstance(templates, str):
         raise CoregError(f"{source}: expected a list of templates, got one string")
     templates = list(templates)
     if not templates:
         raise CoregError(f"{source}: no templates")
+    return templates
+
+
+def validate_templates(templates, source: str = "templates") -> list[str]:
+    """Check every template has exactly one "{}" and no other format field; return a list."""
+    templates = template_list(templates, source)
     for i, t in enumerate(templates, 1):
         if not isinstance(t, str):
             raise CoregError(f"{source}: template {i} is {type(t).__name__}, not a string")

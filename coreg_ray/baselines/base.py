@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from coreg_ray.config import Config
 from coreg_ray.coreg.models import build_model
+from coreg_ray.coreg.optim import close_epoch
+from coreg_ray.coreg.sampling import epoch_seed
 from coreg_ray.coreg.trainer import (TrainingData, cosine_lr, make_sgd, prepare_training_data,
                                      set_lr)
 from coreg_ray.errors import CoregError
@@ -114,7 +116,7 @@ class BaselineTrainer:
         self.history: list[dict] = []
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.cfg.train.seed, epoch))
         perm = torch.randperm(self.data.n, generator=g).to(self.data.device)
         bs = min(self.cfg.train.batch_size, self.data.n)
         return list(perm[:(self.data.n // bs) * bs].split(bs))
@@ -144,7 +146,7 @@ class BaselineTrainer:
             t0 = time.perf_counter()
             lr = cosine_lr(epoch, cfg.train.epochs, cfg.train.lr, cfg.train.lr_min)
             set_lr(method.opts, lr)
-            seed = (cfg.train.seed * 1_000_003 + epoch) * 1009
+            seed = epoch_seed(cfg.train.seed, epoch, rank=0)
             data.aug.gen.manual_seed(seed)
             method.start_epoch(epoch)
             method.train_mode()  # the previous epoch's test pass left the nets in eval mode
@@ -158,12 +160,8 @@ class BaselineTrainer:
                 vals = torch.stack(list(totals.values())).tolist()  # one sync per epoch
                 stats.update({k: v / max(len(batches), 1) for k, v in zip(totals, vals)})
             stats.update(method.end_epoch(epoch))
-            last = epoch == cfg.train.epochs - 1
-            if data.test is not None and (last or (epoch + 1) % cfg.train.eval_every == 0):
-                stats["test_accuracy"] = self.accuracy(*data.test)
-            if data.device.type == "cuda":
-                torch.cuda.synchronize()
-            stats.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - t0)
+            close_epoch(stats, epoch, lr, t0, cfg.train, data.device,
+                        (lambda: self.accuracy(*data.test)) if data.test is not None else None)
             elapsed += stats["epoch_seconds"]
             self.history.append(stats)
             for cb in self.callbacks:

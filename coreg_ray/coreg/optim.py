@@ -3,6 +3,7 @@ learning rate, the paper's SGD and in-place `torch.compile`."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -34,3 +35,17 @@ def compile_nets(nets) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for net in nets:
         net.compile()
+
+
+def close_epoch(stats: dict, epoch: int, lr: float, t0: float, train_cfg, device,
+                evaluate=None) -> bool:
+    """The end of every trainer's epoch: test pass on the eval_every schedule and at the last
+    epoch (`evaluate()` -> accuracy; None without a test table), a device sync so the timing is
+    real, then epoch / lr / epoch_seconds. Returns whether this was the last epoch."""
+    last = epoch == train_cfg.epochs - 1
+    if evaluate is not None and (last or (epoch + 1) % train_cfg.eval_every == 0):
+        stats["test_accuracy"] = evaluate()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - t0)
+    return last

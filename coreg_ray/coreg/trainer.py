@@ -53,7 +53,7 @@ from coreg_ray.coreg.device_data import (CheckedInputs, TrainingData, check_trai
                                          data_fingerprint, grayscale_view, prepare_training_data,
                                          resize_images, resolve_device)
 from coreg_ray.coreg.moco import MoCoQueue
-from coreg_ray.coreg.optim import compile_nets, cosine_lr, make_sgd, set_lr  # noqa: F401
+from coreg_ray.coreg.optim import close_epoch, compile_nets, cosine_lr, make_sgd, set_lr  # noqa: F401
 
 # Per-epoch loss terms of a Co-Reg epoch (summed per step, reported as means).
 LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
@@ -149,12 +149,8 @@ class CoReg:
             else:
                 stats = self.divide(epoch)
                 stats.update(self.coreg_epoch(epoch))
-            last = epoch == cfg.train.epochs - 1
-            if self.test is not None and (last or (epoch + 1) % cfg.train.eval_every == 0):
-                stats["test_accuracy"] = self.accuracy(*self.test)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            stats.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - t0)
+            last = close_epoch(stats, epoch, lr, t0, cfg.train, self.device,
+                               (lambda: self.accuracy(*self.test)) if self.test is not None else None)
             self.elapsed += stats["epoch_seconds"]
             self.history.append(stats)
             if self.output_dir and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):

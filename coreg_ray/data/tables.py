@@ -214,7 +214,9 @@ def read_classes(path: Path) -> list[str] | None:
     return names
 
 
-def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
+def open_image_parquet(path):
+    """(ParquetFile, its column names) of an image table file: one line if it is not readable
+    Parquet or lacks the `id` / `image` columns. Used by the loader and the annotate pipeline."""
     import pyarrow.parquet as pq
 
     try:
@@ -225,6 +227,11 @@ def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
     for need in ("id", "image"):
         if need not in cols:
             raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(sorted(cols))})")
+    return pf, cols
+
+
+def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
+    pf, cols = open_image_parquet(path)
     want = ["id", "image"] + (["label"] if "label" in cols else [])
     tbl = pf.read(columns=want)
     if limit is not None:
