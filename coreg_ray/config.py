@@ -1,6 +1,6 @@
 """One config system: typed dataclasses, loaded from YAML, overridden by `section.key=value`.
 
-Defaults are those of `shared/paper-method.md` (the authors' code for CIFAR). The resolved config
+Defaults are the paper's and, where it is silent, the authors' code for CIFAR. The resolved config
 is saved next to every run (`config.yaml`) and logged to MLflow.
 
 Every key declares its valid values where it is declared (`_key(default, Range(...))`,

