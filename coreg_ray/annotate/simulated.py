@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from coreg_ray.annotate.protocol import FittedAnnotator, nchw, table_rows
-from coreg_ray.data.annotations import AnnotationTable, ensemble_prediction
+from coreg_ray.data.annotations import AnnotationTable
 from coreg_ray.errors import CoregError
 
 # The paper's annotation statistics (Tables I-II, "Partial Acc.", "Avg. num", "Zero-Shot (train)"),
@@ -298,6 +298,3 @@ GTSRB_GROUPS = {
     "unique shapes": [12], "yield": [13], "stop": [14],
 }
 
-
-def ensemble_accuracy(ann: AnnotationTable, labels) -> float:
-    return float((ensemble_prediction(ann) == np.asarray(labels)).mean())
