@@ -153,6 +153,29 @@ def test_every_shipped_experiment_file_parses():
     assert len(smoke.runs()) == 12
 
 
+def test_a_config_key_added_later_does_not_rerun_recorded_runs():
+    """Runs recorded before data.strong_view existed still match while it holds "auto"
+    (the behaviour they were run with); another value is a different run."""
+    from coreg_ray.experiment.schema import _fingerprint
+
+    def legacy(run, exp):
+        cfg = {k: v for k, v in run["config"].items() if k != "tracking"}
+        cfg["data"] = {k: v for k, v in cfg["data"].items() if k != "strong_view"}
+        s = next(s for s in exp.settings if s.name == run["setting"])
+        return _fingerprint(run["method"], [s.kind, s.spec, s.test_annotations, s.data], cfg,
+                            run["params"])
+
+    exp = Experiment.load(_smoke())
+    run = next(r for r in exp.runs() if r["method"] == "coreg")
+    old = legacy(run, exp)
+    assert old != run["fingerprint"] and old in run["accepts"] and run["fingerprint"] in run["accepts"]
+    changed = _smoke()
+    changed["config"].setdefault("data", {})["strong_view"] = "grayscale"
+    exp2 = Experiment.load(changed)
+    run2 = next(r for r in exp2.runs() if r["method"] == "coreg")
+    assert legacy(run2, exp2) == old and old not in run2["accepts"]
+
+
 # ------------------------------------------------------------------ a real run on Ray + MLflow
 @pytest.fixture(scope="module")
 def ray_local():

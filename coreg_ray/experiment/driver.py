@@ -204,10 +204,10 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
     results_path = out / "results.jsonl"
 
     runs = exp.runs()
-    fingerprints = {r["key"]: r["fingerprint"] for r in runs}
+    accepted = {r["key"]: r["accepts"] for r in runs}
     latest: dict[str, dict] = {}
     for rec in _read_results(results_path) if resume else []:  # the last record of a run wins
-        if fingerprints.get(rec.get("key")) == rec.get("fingerprint"):
+        if rec.get("fingerprint") in accepted.get(rec.get("key"), ()):
             latest[rec["key"]] = rec
     todo = [r for r in runs if latest.get(r["key"], {}).get("status") not in ("ok", "n/a")]
     done_before = len(runs) - len(todo)

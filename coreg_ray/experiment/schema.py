@@ -25,6 +25,11 @@ SIMULATED_KINDS = ("simulated_vlm", "paper_annotator")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 SHOT_FREE = ("zero_shot",)  # methods whose result cannot depend on few-shot labels
 SIMULATED_NOTE = "simulated VLM annotator — a stand-in, not a VLM"
+# Config keys added after results files were recorded, with the default that reproduces the
+# behaviour from before they existed. A recorded run whose fingerprint was computed without such
+# a key still matches while the key holds that value, so adding a key never reruns a finished
+# table. (data.strong_view: "auto" is the colour view for RGB tables, the only view before it.)
+ADDED_KEYS = ((("data", "strong_view"), "auto"),)
 
 
 # ============================================================================ the experiment file
@@ -241,13 +246,12 @@ class Experiment:
                         fp = {k2: v for k2, v in resolved.items() if k2 != "tracking"}
                         if m in SHOT_FREE:  # measures the annotator: no config involved
                             fp, params = None, {}
-                        fingerprint = hashlib.sha1(json.dumps(
-                            {"method": m, "setting": [s.kind, s.spec, s.test_annotations, s.data],
-                             "config": fp, "params": params}, sort_keys=True, default=str
-                        ).encode()).hexdigest()[:16]
+                        setting = [s.kind, s.spec, s.test_annotations, s.data]
+                        fingerprint = _fingerprint(m, setting, fp, params)
                         out.append({"key": run_key(s.name, m, shots, seed), "setting": s.name,
                                     "method": m, "shots": shots, "seed": seed, "config": resolved,
-                                    "params": params, "fingerprint": fingerprint})
+                                    "params": params, "fingerprint": fingerprint,
+                                    "accepts": _legacy_fingerprints(m, setting, fp, params)})
         return out
 
     def to_dict(self) -> dict:
@@ -257,6 +261,27 @@ class Experiment:
                 "overrides": self.overrides, "params": self.params, "resources": self.resources,
                 "parallel": self.parallel, "labels": self.labels,
                 "table": {"columns": self.columns}, "source": self.source}
+
+
+def _fingerprint(method, setting, config, params) -> str:
+    return hashlib.sha1(json.dumps({"method": method, "setting": setting, "config": config,
+                                    "params": params}, sort_keys=True, default=str
+                                   ).encode()).hexdigest()[:16]
+
+
+def _legacy_fingerprints(method, setting, config, params) -> set[str]:
+    """The run's fingerprint plus those it had before each of ADDED_KEYS existed (cumulatively,
+    newest first), as long as those keys hold their behaviour-preserving default."""
+    accepted = {_fingerprint(method, setting, config, params)}
+    if config is None:
+        return accepted
+    cfg = json.loads(json.dumps(config))
+    for (section, key), default in reversed(ADDED_KEYS):
+        if cfg.get(section, {}).get(key, default) != default:
+            break
+        cfg.get(section, {}).pop(key, None)
+        accepted.add(_fingerprint(method, setting, cfg, params))
+    return accepted
 
 
 def run_key(setting: str, method: str, shots: int, seed: int) -> str:
