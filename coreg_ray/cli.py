@@ -1,4 +1,5 @@
-"""`coreg-ray` command line: synth | simulate-annotator | report | train | evaluate | quickstart.
+"""`coreg-ray` command line: synth | simulate-annotator | report | annotate | train | tune |
+evaluate | experiment | predict | export | quickstart.
 
 Every user error is printed as one line (`coreg-ray: error: ...`) with exit status 2, and is
 found before anything is written: a command checks its arguments (each option's valid values
@@ -231,6 +232,17 @@ def cmd_experiment(args):
                          f"'failed'; errors in {Path(args.output) / 'results.jsonl'})")
 
 
+def cmd_predict(args):
+    from coreg_ray.predict import run_predict
+
+    s = run_predict(args.model, args.images, args.output, batch_size=args.batch_size,
+                    num_actors=args.actors, top_k=args.top_k, limit=args.limit,
+                    shard_size=args.shard_size, restart=args.restart, engine=args.engine)
+    keys = ("rows", "predicted", "errors", "error_ids", "accuracy", "images_per_s",
+            "first_result_s", "seconds", "class_histogram", "output")
+    _print_json({k: s[k] for k in keys if k in s and s[k] not in (None, [])}, indent=1)
+
+
 def cmd_export(args):
     from coreg_ray.export import export_model, summary_lines
 
@@ -366,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run everything again (earlier results.jsonl is set aside)")
     _valid(p, parallel=Range(1))
     p.set_defaults(fn=cmd_experiment)
+
+    p = sub.add_parser("predict", help="label a Parquet image pool with a trained model.pt (Ray "
+                                       "Data actors; resumable shard by shard)")
+    p.add_argument("--model", required=True, help="model.pt written by train")
+    p.add_argument("--images", required=True, help="Parquet image pool (file or folder)")
+    p.add_argument("--output", required=True, help="predictions table (.parquet)")
+    p.add_argument("--top-k", type=int, default=5, help="classes kept per image (best first)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 256 (CPU), 1024 (GPU)")
+    p.add_argument("--actors", type=int, default=None, help="default one per GPU, else one")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the pool")
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--restart", action="store_true", help="ignore finished shards")
+    p.add_argument("--engine", default="ray", choices=["ray", "local"])
+    _valid(p, top_k=Range(1), batch_size=Range(1), actors=Range(1), limit=Range(1),
+           shard_size=Range(1))
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("export", help="a trained model.pt as ONNX or TorchScript: uint8 NCHW RGB "
                                       "images in (normalisation inside), logits out")

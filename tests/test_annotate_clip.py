@@ -227,10 +227,13 @@ def test_actor_resources_and_error_unwrapping():
         def cluster_resources(self):
             return self.res
 
-    r = _resources(FakeRay({"CPU": 2.0}), None, None, None)  # this machine: 1 CPU stays free
-    assert (r["gpu"], r["num_actors"], r["actor_cpus"], r["threads"]) == (False, 1, 1.0, 1)
+    # this machine: Ray keeps 1 CPU for decoding, but the one actor's torch uses both cores
+    r = _resources(FakeRay({"CPU": 2.0}), None, None, None)
+    assert (r["gpu"], r["num_actors"], r["actor_cpus"], r["threads"]) == (False, 1, 1.0, 2)
     r = _resources(FakeRay({"CPU": 2.0}), 2, None, None)
     assert r["actor_cpus"] == 0.5 and r["decode_cpus"] != r["actor_cpus"]  # never fused
+    assert r["threads"] == 1  # a core each
+    assert _resources(FakeRay({"CPU": 8.0}), None, 2.0, None)["threads"] == 2  # as asked
     r = _resources(FakeRay({"CPU": 16.0, "GPU": 4.0}), None, None, None)
     assert (r["gpu"], r["num_actors"], r["actor_cpus"]) == (True, 4, 1.0)
     with pytest.raises(CoregError, match="GPU"):

@@ -77,14 +77,15 @@ def decode_batch_bytes(blobs, ids, prep: dict) -> tuple[np.ndarray, np.ndarray]:
     return out, errors
 
 
-def decode_udf(batch: dict, prep: dict, skip=None) -> dict:
-    """Ray Data CPU task: drop the rows whose id is in `skip` (finished shards), decode and
-    resize the rest to uint8 [B, S, S, 3] `pixels` (bad images get an `error` string)."""
+def decode_udf(batch: dict, prep: dict, skip=None, keep=None) -> dict:
+    """Ray Data CPU task: drop the rows whose id is in `skip` (finished shards) or, with `keep`,
+    not in it (the rows still to do); decode and resize the rest to uint8 [B, S, S, 3] `pixels`
+    (bad images get an `error` string)."""
     ids = np.asarray(batch["id"], np.int64)
     blobs = batch["image"]
-    if skip is not None and len(skip):
-        keep = ~np.isin(ids, skip)
-        ids, blobs = ids[keep], np.asarray(blobs, dtype=object)[keep]
+    if (skip is not None and len(skip)) or keep is not None:
+        sel = np.isin(ids, keep) if keep is not None else ~np.isin(ids, skip)
+        ids, blobs = ids[sel], np.asarray(blobs, dtype=object)[sel]
     pixels, errors = decode_batch_bytes(blobs, ids, prep)
     return {"id": ids, "pixels": pixels, "error": errors}
 

@@ -30,205 +30,48 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from coreg_ray.annotate.imageio import decode_udf
 from coreg_ray.annotate.registry import annotator_class, find_annotator
 from coreg_ray.annotate.templates import resolve_classes, resolve_templates
-from coreg_ray.data.annotations import (META_KEY, AnnotationTable, merge_annotations,
+from coreg_ray.data.annotations import (AnnotationTable, merge_annotations,
                                         read_annotations, write_annotations)
-from coreg_ray.errors import CoregError, require
+from coreg_ray.errors import CoregError
+from coreg_ray.streaming import (ShardCollector, ShardPlan, actor_resources, consume,
+                                 coreg_cause, fingerprint, has_shards, input_files,
+                                 local_stream, pending_shards, ray_stream, read_index, shard_path)
 
 PLAN_FILE = "plan.json"
 OUT_COLUMNS = ("id", "votes", "candidates", "probs", "error")
 
 
-# ----------------------------------------------------------------------------- input
-def input_files(images_path) -> list[Path]:
-    """A .parquet file; a folder with train.parquet (as `load_image_table`); or a folder of
-    .parquet files (all of them, sorted by name)."""
-    if isinstance(images_path, (list, tuple)):
-        files = [Path(p) for p in images_path]
-        for f in files:
-            if not f.is_file():
-                raise CoregError(f"image table not found: {f}")
-        return files
-    p = Path(images_path)
-    spec = str(images_path)
-    if not p.exists() and (spec.split(":")[0] == "digits" or spec.startswith("torchvision:")):
-        raise CoregError(f"{spec}: annotate reads Parquet image tables (a .parquet file or a "
-                         "folder of them), not built-in sources; write it as one first with "
-                         "coreg_ray.data.write_image_table(load_image_table(...), PATH)")
-    if not p.exists():
-        raise CoregError(f"image table not found: {p} (annotate reads a .parquet file, a folder "
-                         "with train.parquet, or a folder of .parquet files)")
-    if p.is_dir():
-        if (p / "train.parquet").is_file():
-            return [p / "train.parquet"]
-        files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
-        if not files:
-            raise CoregError(f"{p}: no image table found: looked for train.parquet and for "
-                             ".parquet files in the folder (annotation reads Parquet image "
-                             "tables; write other sources with coreg_ray.data.write_image_table)")
-        return files
-    if p.suffix != ".parquet":
-        raise CoregError(f"{p}: annotation reads Parquet image tables (id, image[, label])")
-    return [p]
-
-
-def read_index(files: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
-    """All ids (and labels where every file has a complete label column), in file order."""
-    from coreg_ray.data.tables import open_image_parquet
-
-    ids, labels, with_labels = [], [], True
-    for f in files:
-        pf, cols = open_image_parquet(f)
-        want = ["id"] + (["label"] if "label" in cols and with_labels else [])
-        tbl = pf.read(columns=want)
-        if tbl.column("id").null_count:
-            raise CoregError(f"{f}: column 'id' has {tbl.column('id').null_count} empty values")
-        ids.append(tbl.column("id").to_numpy().astype(np.int64))
-        if "label" in want and tbl.column("label").null_count == 0:
-            labels.append(tbl.column("label").to_numpy().astype(np.int64))
-        else:
-            with_labels = False
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if len(ids) == 0:
-        raise CoregError(f"{files[0]}: no images")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise CoregError(f"{files[0]}: id {int(uniq[counts > 1][0])} appears more than once "
-                         f"({int((counts > 1).sum())} duplicated ids)")
-    return ids, (np.concatenate(labels) if with_labels else None)
-
-
+# ----------------------------------------------------------------------------- input / shards
+# (the parts every batch-inference stream shares live in coreg_ray.streaming)
 def _default_classes(files: list[Path]):
     from coreg_ray.data.tables import read_classes
     return read_classes(files[0])
 
 
-# ----------------------------------------------------------------------------- plan / shards
-class _Plan:
-    """Rows in file order cut into fixed-size shards; id -> position / shard lookups."""
-
-    def __init__(self, ids: np.ndarray, shard_size: int):
-        if shard_size < 1:
-            raise CoregError(f"shard_size must be >= 1, got {shard_size}")
-        self.ids = ids
-        self.shard_size = int(shard_size)
-        self.num_shards = math.ceil(len(ids) / self.shard_size)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted = ids[self._order]
-
-    def position(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        i = np.searchsorted(self._sorted, ids)
-        i = np.clip(i, 0, len(self._sorted) - 1)
-        if len(ids) and (self._sorted[i] != ids).any():
-            bad = ids[self._sorted[i] != ids][0]
-            raise CoregError(f"id {int(bad)} is not in the input")
-        return self._order[i]
-
-    def shard_of(self, ids) -> np.ndarray:
-        return self.position(ids) // self.shard_size
-
-    def shard_ids(self, k: int) -> np.ndarray:
-        return self.ids[k * self.shard_size:(k + 1) * self.shard_size]
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _has_shards(parts_root: Path) -> bool:
-    """Whether any finished shard is in the parts folder (of any annotator)."""
-    return parts_root.is_dir() and any(parts_root.rglob("shard-*.parquet"))
-
-
-def shard_path(parts: Path, k: int) -> Path:
-    return parts / f"shard-{k:05d}.parquet"
-
-
-def _shard_plan_tag(path: Path) -> str | None:
-    """The plan fingerprint stored in a shard's metadata (None if unreadable)."""
-    import pyarrow.parquet as pq
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta.get(META_KEY, b"{}")).get("plan")
-    except Exception:
-        return None
-
-
-class _ShardWriter:
-    """Collects annotated rows per shard on the driver; writes a shard once it is complete."""
-
-    def __init__(self, parts: Path, plan: _Plan, pending: list[int], meta: dict, k: int, c: int,
-                 save_probs: bool, on_bad_image: str, source: str):
-        self.parts, self.plan, self.meta = parts, plan, meta
-        self.k, self.c, self.save_probs = k, c, save_probs
-        self.on_bad_image, self.source = on_bad_image, source
-        self.expected = {s: len(plan.shard_ids(s)) for s in pending}
-        self.buf = {s: [] for s in pending}
-        self.count = {s: 0 for s in pending}
-        self.written = 0
-        self.rows = 0
-
-    def add(self, batch: dict) -> int:
-        ids = np.asarray(batch["id"], np.int64)
-        if len(ids) == 0:
-            return 0
-        errors = np.asarray(batch["error"], dtype=object)
-        if self.on_bad_image == "fail" and (errors != "").any():
-            i = int(np.flatnonzero(errors != "")[0])
-            raise CoregError(f"{self.source}: image of row id {ids[i]} cannot be decoded "
-                             f"({errors[i]}); without --fail-on-bad-image (on_bad_image='skip') "
-                             "unreadable images are skipped and reported")
-        shards = self.plan.shard_of(ids)
-        for s in np.unique(shards):
-            s = int(s)
-            sel = shards == s
-            if s not in self.buf:
-                raise CoregError(f"internal: rows of shard {s} arrived twice or after it was written")
-            self.buf[s].append({col: np.asarray(batch[col])[sel] for col in OUT_COLUMNS})
-            self.count[s] += int(sel.sum())
-            if self.count[s] > self.expected[s]:
-                raise CoregError(f"internal: shard {s} got {self.count[s]} rows, expected "
-                                 f"{self.expected[s]}")
-            if self.count[s] == self.expected[s]:
-                self._flush(s)
-        self.rows += len(ids)
-        return len(ids)
-
-    def _flush(self, s: int) -> None:
-        parts = self.buf.pop(s)
-        cols = {col: np.concatenate([p[col] for p in parts]) for col in OUT_COLUMNS}
-        order = np.argsort(self.plan.position(cols["id"]))
-        cols = {col: v[order] for col, v in cols.items()}
+def _write_shard(parts: Path, meta: dict, save_probs: bool):
+    """`ShardCollector`'s writer for annotation shards: a valid annotation table each, the
+    unreadable images listed in its metadata."""
+    def write(s: int, cols: dict) -> None:
         bad = cols["error"] != ""
         ok = ~bad
         skipped = [{"id": int(i), "error": str(e)} for i, e in zip(cols["id"][bad], cols["error"][bad])]
-        meta = dict(self.meta, shard=s, skipped=skipped)
         table = AnnotationTable(cols["id"][ok].astype(np.int64), cols["candidates"][ok].astype(bool),
                                 cols["votes"][ok].astype(np.int64),
-                                cols["probs"][ok].astype(np.float32) if self.save_probs else None,
-                                meta)
-        write_annotations(table, shard_path(self.parts, s))
-        self.written += 1
-
-    def finish(self) -> None:
-        if self.buf:
-            missing = {s: self.expected[s] - self.count[s] for s in self.buf}
-            first = next(iter(missing))
-            raise CoregError(f"{len(missing)} shards did not receive all their rows (shard {first} "
-                             f"is missing {missing[first]}); re-run to resume")
+                                cols["probs"][ok].astype(np.float32) if save_probs else None,
+                                dict(meta, shard=s, skipped=skipped))
+        write_annotations(table, shard_path(parts, s))
+    return write
 
 
-def _load_annotator_table(parts: Path, plan: _Plan, k: int, c: int, source: str):
+def _load_annotator_table(parts: Path, plan: ShardPlan, k: int, c: int, source: str):
     """Concatenate all shards -> (AnnotationTable in input order, skipped [{id, error}])."""
     ids, cand, votes, probs, skipped, meta = [], [], [], [], [], {}
     for s in range(plan.num_shards):
@@ -241,8 +84,7 @@ def _load_annotator_table(parts: Path, plan: _Plan, k: int, c: int, source: str)
         probs.append(None if t.probs is None else t.probs.reshape(len(t), c))
     ids = np.concatenate(ids)
     got = np.concatenate([ids, np.asarray([r["id"] for r in skipped], np.int64)])
-    if len(got) != len(plan.ids) or len(np.unique(got)) != len(got) \
-            or not np.array_equal(np.sort(got), plan._sorted):
+    if not plan.covers(got):
         raise CoregError(f"{source}: the shards in {parts} do not cover every id exactly once; "
                          "delete the folder (or pass restart=True) and run again")
     order = np.argsort(plan.position(ids), kind="stable")
@@ -255,24 +97,8 @@ def _load_annotator_table(parts: Path, plan: _Plan, k: int, c: int, source: str)
 
 
 # ----------------------------------------------------------------------------- engines
-def _resources(ray, num_actors, actor_cpus, use_gpu):
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
-    gpu = gpus >= 1 if use_gpu is None else bool(use_gpu)
-    if gpu and gpus < 1:
-        raise CoregError("use_gpu=True but the Ray cluster has no GPU")
-    n = int(num_actors) if num_actors else (max(1, int(gpus)) if gpu else 1)
-    if n < 1:
-        raise CoregError(f"num_actors must be >= 1, got {num_actors}")
-    if gpu and n > gpus:
-        raise CoregError(f"{n} GPU actors asked for but the cluster has {gpus:g} GPUs")
-    free = max(0.0, cpus - 1.0)  # one CPU stays with the read/decode tasks (else they starve)
-    if actor_cpus is None:
-        actor_cpus = min(1.0, max(0.25, free / n)) if gpu else max(0.25, free / n)
-    actor_cpus = float(actor_cpus)
-    decode_cpus = 0.5 if actor_cpus != 0.5 else 0.25  # differing args: Ray keeps decode separate
-    return {"gpu": gpu, "num_actors": n, "actor_cpus": actor_cpus, "decode_cpus": decode_cpus,
-            "threads": max(1, int(actor_cpus)), "cluster_cpus": cpus, "cluster_gpus": gpus}
+_resources = actor_resources  # the CLIP actor pool (tests import it by this name)
+_coreg_cause = coreg_cause
 
 
 def _llava_resources(ray, opts, num_actors, actor_cpus, use_gpu):
@@ -300,67 +126,10 @@ def _llava_resources(ray, opts, num_actors, actor_cpus, use_gpu):
             "tensor_parallel_size": tp, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
-def _coreg_cause(exc: BaseException) -> CoregError | None:
-    seen, e = set(), exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, CoregError):
-            return e
-        seen.add(id(e))
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    marker = "coreg_ray.errors.CoregError: "  # e.g. ActorDiedError carries only the text
-    for line in reversed(str(exc).splitlines()):
-        if marker in line:
-            return CoregError(line.split(marker, 1)[1].strip())
-    return None
-
-
-def _ray_batches(files, skip, prep, ann_kwargs, batch_size, res, ann_cls=None):
-    ray = require("ray", "ray")
-    import ray.data  # noqa: F401
-
-    ctx = ray.data.DataContext.get_current()
-    saved = {a: getattr(ctx, a) for a in ("use_datasource_v2", "enable_progress_bars")
-             if hasattr(ctx, a)}
-    # Ray 2.60's Parquet datasource V2 starts 32 footer-reader actors per read (seconds of
-    # start-up on a small node); the V1 reader is enough for image tables.
-    if "use_datasource_v2" in saved:
-        ctx.use_datasource_v2 = False
-    ctx.enable_progress_bars = False  # the driver shows one bar over images instead
-    try:
-        if ann_cls is None:
-            from coreg_ray.annotate.clip import ClipAnnotator as ann_cls
-
-        ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"])
-        ds = ds.select_columns(["id", "image"])
-        ds = ds.map_batches(decode_udf, fn_kwargs={"prep": prep, "skip": skip},
-                            batch_size=batch_size, batch_format="numpy",
-                            num_cpus=res["decode_cpus"])
-        remote = {"num_cpus": res["actor_cpus"]}
-        if res["gpu"]:
-            remote["num_gpus"] = res.get("num_gpus", 1)
-        ds = ds.map_batches(ann_cls, compute=ray.data.ActorPoolStrategy(size=res["num_actors"]),
-                            fn_constructor_kwargs=dict(ann_kwargs, num_threads=res["threads"]),
-                            batch_size=batch_size, batch_format="numpy", **remote)
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        for a, v in saved.items():
-            setattr(ctx, a, v)
-
-
 def _local_batches(files, skip, prep, ann_kwargs, batch_size, ann_cls=None):
-    import pyarrow.parquet as pq
-
     if ann_cls is None:
         from coreg_ray.annotate.clip import ClipAnnotator as ann_cls
-
-    annotator = ann_cls(**ann_kwargs)
-    for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image"]):
-            batch = {"id": rb.column(0).to_numpy().astype(np.int64),
-                     "image": np.asarray(rb.column(1).to_pylist(), dtype=object)}
-            dec = decode_udf(batch, prep, skip)
-            if len(dec["id"]):
-                yield annotator(dec)
+    return local_stream(files, skip, prep, ann_cls, ann_kwargs, batch_size)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -491,7 +260,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
             specs.append(ls)
             preps.append(llava_mod.resolve_llava_preprocess(ls, image_size))
             tpls.append(llava_settings["templates"])
-    plan = _Plan(ids, shard_size)
+    plan = ShardPlan(ids, shard_size)
     if restart and parts_root.exists():
         shutil.rmtree(parts_root)
     ids_hash = hashlib.sha1(ids.tobytes()).hexdigest()
@@ -509,7 +278,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         except json.JSONDecodeError:
             old = {}
         diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff and _has_shards(parts_root):  # a plan without finished shards binds nothing
+        if diff and has_shards(parts_root):  # a plan without finished shards binds nothing
             raise CoregError(f"{parts_root} holds shards made with other settings ({', '.join(diff)}); "
                              "use the same settings to resume, or restart=True (--restart) to start over")
     created_parts = not parts_root.exists()
@@ -528,21 +297,17 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
             k = len(ann_tpls)
             parts = parts_root if len(annotators) == 1 else parts_root / f"annotator-{i}"
             parts.mkdir(parents=True, exist_ok=True)
-            tag = _fingerprint(dict(settings, annotator=spec))
-            pending = [s for s in range(plan.num_shards)
-                       if _shard_plan_tag(shard_path(parts, s)) != tag]
+            tag = fingerprint(dict(settings, annotator=spec))
+            pending = pending_shards(parts, plan, tag)
             timing["shards_reused"] += plan.num_shards - len(pending)
             if pending:
-                pend_set = set(pending)
-                skip = None
-                if len(pending) < plan.num_shards:
-                    skip = np.concatenate([plan.shard_ids(s) for s in range(plan.num_shards)
-                                           if s not in pend_set])
+                skip = plan.skip_ids(pending)
                 meta = {"annotator": spec, "classes": classes, "templates": ann_tpls,
                         "candidate_mode": candidate_mode, "image_size": prep["size"], "plan": tag}
                 if kind == "llava":
                     meta["llava"] = llava_settings
-                writer = _ShardWriter(parts, plan, pending, meta, k, c, save_probs, on_bad_image, source)
+                writer = ShardCollector(plan, pending, OUT_COLUMNS,
+                                        _write_shard(parts, meta, save_probs), on_bad_image, source)
                 ann_cls = annotator_class(spec)  # ClipAnnotator / LlavaAnnotator
                 if kind == "clip":
                     ann_kwargs = dict(spec=spec, classes=classes, templates=ann_tpls,
@@ -564,7 +329,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                         res = _llava_resources(ray_mod, llava_opts, num_actors, actor_cpus, use_gpu)
                         bs = llava_opts.batch_size or batch_size or (64 if res["gpu"] else 16)
                     all_res.append(res)
-                    batches = _ray_batches(files, skip, prep, ann_kwargs, bs, res, ann_cls)
+                    batches = ray_stream(files, skip, prep, ann_cls, ann_kwargs, bs, res)
                 else:
                     bs = (llava_opts.batch_size if kind == "llava" else None) or batch_size or \
                         (16 if kind == "llava" else 32)
@@ -575,36 +340,19 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                     from tqdm import tqdm
                     bar = tqdm(total=total, unit="img", desc=f"annotate {spec}", dynamic_ncols=True)
                 t0 = time.time()
-                try:
-                    for batch in batches:
-                        n = writer.add(batch)
-                        if "first_result_s" not in timing and n:
-                            timing["first_result_s"] = time.time() - t0
-                            timing["first_result_rows"] = n
-                        if bar is not None:
-                            bar.update(n)
-                            bar.set_postfix(shards=f"{writer.written}/{len(pending)}")
-                except CoregError:
-                    raise
-                except Exception as exc:
-                    cause = _coreg_cause(exc)
-                    if cause is not None:
-                        raise CoregError(str(cause.args[0]) if cause.args else str(cause)) from None
-                    raise
-                finally:
-                    close = getattr(batches, "close", None)
-                    if close is not None:
-                        close()
-                    if bar is not None:
-                        bar.close()
-                writer.finish()
+                clock = {"t0": t0}
+                consume(batches, writer, bar, clock, len(pending))
+                if "first_result_s" not in timing and "first_result_s" in clock:
+                    timing.update(first_result_s=clock["first_result_s"],
+                                  first_result_rows=clock["first_result_rows"],
+                                  first_result_from_call_s=t0 - t_start + clock["first_result_s"])
                 compute_s += time.time() - t0
                 timing["shards_computed"] += writer.written
                 timing["images_annotated"] += writer.rows
             table, skipped = _load_annotator_table(parts, plan, k, c, source)
             per_ann.append((spec, table, skipped, ann_tpls))
     except BaseException:
-        if not _has_shards(parts_root):  # nothing finished: leave no plan (or folder) behind
+        if not has_shards(parts_root):  # nothing finished: leave no plan (or folder) behind
             if created_parts:
                 shutil.rmtree(parts_root, ignore_errors=True)
             else:

@@ -1,0 +1,352 @@
+"""Batch inference over Parquet image tables, shard by shard: what `annotate`
+(`coreg_ray.annotate.pipeline`) and `predict` (`coreg_ray.predict`) have in common.
+
+    files = input_files("pool/")                  # a .parquet file or a folder of them
+    ids, labels = read_index(files)               # every id once, in file order
+    plan = ShardPlan(ids, shard_size=4096)        # rows cut into fixed-size shards
+    sink = ShardCollector(plan, pending, columns, write_shard, source="pool/")
+    for batch in ray_stream(files, skip, prep, ActorClass, kwargs, batch_size, res):
+        sink.add(batch)                           # a shard is written the moment it is complete
+    sink.finish()
+
+The stream is Ray Data: ``read_parquet`` -> decode + resize on CPU tasks (NumPy + Pillow, no
+torch) -> a callable class on an actor pool (one model per actor) -> the driver. Blocks are
+kept to about one batch, so the first results reach the driver after one batch per actor, not
+after the first ~128 MiB of decoded pixels. `local_stream` runs the same steps in this process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from coreg_ray.errors import CoregError, require
+
+
+# ----------------------------------------------------------------------------- input
+def input_files(images_path, what: str = "annotate") -> list[Path]:
+    """A .parquet file; a folder with train.parquet (as `load_image_table`); or a folder of
+    .parquet files (all of them, sorted by name)."""
+    if isinstance(images_path, (list, tuple)):
+        files = [Path(p) for p in images_path]
+        for f in files:
+            if not f.is_file():
+                raise CoregError(f"image table not found: {f}")
+        return files
+    p = Path(images_path)
+    spec = str(images_path)
+    if not p.exists() and (spec.split(":")[0] == "digits" or spec.startswith("torchvision:")):
+        raise CoregError(f"{spec}: {what} reads Parquet image tables (a .parquet file or a "
+                         "folder of them), not built-in sources; write it as one first with "
+                         "coreg_ray.data.write_image_table(load_image_table(...), PATH)")
+    if not p.exists():
+        raise CoregError(f"image table not found: {p} ({what} reads a .parquet file, a folder "
+                         "with train.parquet, or a folder of .parquet files)")
+    if p.is_dir():
+        if (p / "train.parquet").is_file():
+            return [p / "train.parquet"]
+        files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
+        if not files:
+            raise CoregError(f"{p}: no image table found: looked for train.parquet and for "
+                             f".parquet files in the folder ({what} reads Parquet image "
+                             "tables; write other sources with coreg_ray.data.write_image_table)")
+        return files
+    if p.suffix != ".parquet":
+        raise CoregError(f"{p}: {what} reads Parquet image tables (id, image[, label])")
+    return [p]
+
+
+def read_index(files: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """All ids (and labels where every file has a complete label column), in file order."""
+    from coreg_ray.data.tables import open_image_parquet
+
+    ids, labels, with_labels = [], [], True
+    for f in files:
+        pf, cols = open_image_parquet(f)
+        want = ["id"] + (["label"] if "label" in cols and with_labels else [])
+        tbl = pf.read(columns=want)
+        if tbl.column("id").null_count:
+            raise CoregError(f"{f}: column 'id' has {tbl.column('id').null_count} empty values")
+        ids.append(tbl.column("id").to_numpy().astype(np.int64))
+        if "label" in want and tbl.column("label").null_count == 0:
+            labels.append(tbl.column("label").to_numpy().astype(np.int64))
+        else:
+            with_labels = False
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(ids) == 0:
+        raise CoregError(f"{files[0]}: no images")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise CoregError(f"{files[0]}: id {int(uniq[counts > 1][0])} appears more than once "
+                         f"({int((counts > 1).sum())} duplicated ids)")
+    return ids, (np.concatenate(labels) if with_labels else None)
+
+
+# ----------------------------------------------------------------------------- plan / shards
+class ShardPlan:
+    """Rows in file order cut into fixed-size shards; id -> position / shard lookups."""
+
+    def __init__(self, ids: np.ndarray, shard_size: int):
+        if shard_size < 1:
+            raise CoregError(f"shard_size must be >= 1, got {shard_size}")
+        self.ids = ids
+        self.shard_size = int(shard_size)
+        self.num_shards = math.ceil(len(ids) / self.shard_size)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def position(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        i = np.searchsorted(self._sorted, ids)
+        i = np.clip(i, 0, len(self._sorted) - 1)
+        if len(ids) and (self._sorted[i] != ids).any():
+            bad = ids[self._sorted[i] != ids][0]
+            raise CoregError(f"id {int(bad)} is not in the input")
+        return self._order[i]
+
+    def shard_of(self, ids) -> np.ndarray:
+        return self.position(ids) // self.shard_size
+
+    def shard_ids(self, k: int) -> np.ndarray:
+        return self.ids[k * self.shard_size:(k + 1) * self.shard_size]
+
+    def covers(self, ids) -> bool:
+        """Whether `ids` hold every id of the plan exactly once."""
+        ids = np.asarray(ids, np.int64)
+        return len(ids) == len(self.ids) and np.array_equal(np.sort(ids), self._sorted)
+
+    def skip_ids(self, pending) -> np.ndarray | None:
+        """The ids of the shards not in `pending` (already finished), or None."""
+        pend = set(pending)
+        if len(pend) == self.num_shards:
+            return None
+        return np.concatenate([self.shard_ids(s) for s in range(self.num_shards) if s not in pend])
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def has_shards(parts_root: Path) -> bool:
+    """Whether any finished shard is in the parts folder (or below it)."""
+    return parts_root.is_dir() and any(parts_root.rglob("shard-*.parquet"))
+
+
+def shard_path(parts: Path, k: int) -> Path:
+    return parts / f"shard-{k:05d}.parquet"
+
+
+def shard_plan_tag(path: Path) -> str | None:
+    """The plan fingerprint stored in a shard's `coreg_ray` metadata (None if unreadable)."""
+    import pyarrow.parquet as pq
+
+    from coreg_ray.data.annotations import META_KEY
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta.get(META_KEY, b"{}")).get("plan")
+    except Exception:
+        return None
+
+
+def pending_shards(parts: Path, plan: ShardPlan, tag: str) -> list[int]:
+    """The shards not yet written with this plan's settings (`tag`)."""
+    return [s for s in range(plan.num_shards) if shard_plan_tag(shard_path(parts, s)) != tag]
+
+
+class ShardCollector:
+    """Collects result rows per shard on the driver; calls ``write_shard(k, columns)`` (rows in
+    input order) the moment shard k is complete. Rows carry an ``error`` column: with
+    ``on_bad_image="fail"`` the first non-empty one stops the run naming the id."""
+
+    def __init__(self, plan: ShardPlan, pending: list[int], columns,
+                 write_shard: Callable[[int, dict], None], on_bad_image: str = "skip",
+                 source: str = "images"):
+        self.plan, self.columns, self.write_shard = plan, tuple(columns), write_shard
+        self.on_bad_image, self.source = on_bad_image, source
+        self.expected = {s: len(plan.shard_ids(s)) for s in pending}
+        self.buf = {s: [] for s in pending}
+        self.count = {s: 0 for s in pending}
+        self.written = 0
+        self.rows = 0
+
+    def add(self, batch: dict) -> int:
+        ids = np.asarray(batch["id"], np.int64)
+        if len(ids) == 0:
+            return 0
+        errors = np.asarray(batch["error"], dtype=object)
+        if self.on_bad_image == "fail" and (errors != "").any():
+            i = int(np.flatnonzero(errors != "")[0])
+            raise CoregError(f"{self.source}: image of row id {ids[i]} cannot be decoded "
+                             f"({errors[i]}); without --fail-on-bad-image (on_bad_image='skip') "
+                             "unreadable images are skipped and reported")
+        shards = self.plan.shard_of(ids)
+        for s in np.unique(shards):
+            s = int(s)
+            sel = shards == s
+            if s not in self.buf:
+                raise CoregError(f"internal: rows of shard {s} arrived twice or after it was written")
+            self.buf[s].append({col: np.asarray(batch[col])[sel] for col in self.columns})
+            self.count[s] += int(sel.sum())
+            if self.count[s] > self.expected[s]:
+                raise CoregError(f"internal: shard {s} got {self.count[s]} rows, expected "
+                                 f"{self.expected[s]}")
+            if self.count[s] == self.expected[s]:
+                self._flush(s)
+        self.rows += len(ids)
+        return len(ids)
+
+    def _flush(self, s: int) -> None:
+        parts = self.buf.pop(s)
+        cols = {col: np.concatenate([p[col] for p in parts]) for col in self.columns}
+        order = np.argsort(self.plan.position(cols["id"]))
+        self.write_shard(s, {col: v[order] for col, v in cols.items()})
+        self.written += 1
+
+    def finish(self) -> None:
+        if self.buf:
+            missing = {s: self.expected[s] - self.count[s] for s in self.buf}
+            first = next(iter(missing))
+            raise CoregError(f"{len(missing)} shards did not receive all their rows (shard {first} "
+                             f"is missing {missing[first]}); re-run to resume")
+
+
+# ----------------------------------------------------------------------------- engines
+def actor_resources(ray, num_actors, actor_cpus, use_gpu):
+    """The actor pool on this cluster: one actor per GPU (1 GPU each), else one on CPU.
+
+    On CPU, Ray's accounting leaves one CPU to the read/decode tasks (else they starve), but the
+    actors' torch threads use the node's cores (`threads`): decoding is a small share of the work
+    and runs between the model's batches, so holding a core back for it would halve the model.
+    """
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    gpu = gpus >= 1 if use_gpu is None else bool(use_gpu)
+    if gpu and gpus < 1:
+        raise CoregError("use_gpu=True but the Ray cluster has no GPU")
+    n = int(num_actors) if num_actors else (max(1, int(gpus)) if gpu else 1)
+    if n < 1:
+        raise CoregError(f"num_actors must be >= 1, got {num_actors}")
+    if gpu and n > gpus:
+        raise CoregError(f"{n} GPU actors asked for but the cluster has {gpus:g} GPUs")
+    free = max(0.0, cpus - 1.0)
+    given = actor_cpus is not None
+    if actor_cpus is None:
+        actor_cpus = min(1.0, max(0.25, free / n)) if gpu else max(0.25, free / n)
+    actor_cpus = float(actor_cpus)
+    decode_cpus = 0.5 if actor_cpus != 0.5 else 0.25  # differing args: Ray keeps decode separate
+    threads = max(1, int(actor_cpus)) if gpu or given else max(1, int(cpus // n))
+    return {"gpu": gpu, "num_actors": n, "actor_cpus": actor_cpus, "decode_cpus": decode_cpus,
+            "threads": threads, "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def coreg_cause(exc: BaseException) -> CoregError | None:
+    """The CoregError inside a Ray error (raised in an actor or task), if there is one."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CoregError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    marker = "coreg_ray.errors.CoregError: "  # e.g. ActorDiedError carries only the text
+    for line in reversed(str(exc).splitlines()):
+        if marker in line:
+            return CoregError(line.split(marker, 1)[1].strip())
+    return None
+
+
+def ray_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep=None):
+    """Ray Data: read -> decode (CPU tasks) -> `actor_cls(**actor_kwargs, num_threads=...)` on an
+    actor pool -> NumPy batches on the driver, in the order they finish. Rows whose id is in
+    `skip` (or, with `keep`, not in it) are dropped before decoding."""
+    from coreg_ray.annotate.imageio import decode_udf
+
+    ray = require("ray", "ray")
+    import ray.data  # noqa: F401
+
+    ctx = ray.data.DataContext.get_current()
+    saved = {a: getattr(ctx, a) for a in ("use_datasource_v2", "enable_progress_bars",
+                                          "target_max_block_size") if hasattr(ctx, a)}
+    # Ray 2.60's Parquet datasource V2 starts 32 footer-reader actors per read (seconds of
+    # start-up on a small node); the V1 reader is enough for image tables.
+    if "use_datasource_v2" in saved:
+        ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = False  # the caller shows one bar over images instead
+    if "target_max_block_size" in saved:  # blocks of about one batch of decoded pixels
+        size = int(prep.get("size") or 224)
+        ctx.target_max_block_size = max(1 << 20, int(batch_size) * size * size * 3)
+    try:
+        ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"])
+        ds = ds.select_columns(["id", "image"])
+        ds = ds.map_batches(decode_udf, fn_kwargs={"prep": prep, "skip": skip, "keep": keep},
+                            batch_size=batch_size, batch_format="numpy",
+                            num_cpus=res["decode_cpus"])
+        remote = {"num_cpus": res["actor_cpus"]}
+        if res["gpu"]:
+            remote["num_gpus"] = res.get("num_gpus", 1)
+        ds = ds.map_batches(actor_cls, compute=ray.data.ActorPoolStrategy(size=res["num_actors"]),
+                            fn_constructor_kwargs=dict(actor_kwargs, num_threads=res["threads"]),
+                            batch_size=batch_size, batch_format="numpy", **remote)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    finally:
+        for a, v in saved.items():
+            setattr(ctx, a, v)
+
+
+def local_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, keep=None):
+    """The same steps in this process, without Ray (stops reading once every id in `keep` was
+    seen)."""
+    import pyarrow.parquet as pq
+
+    from coreg_ray.annotate.imageio import decode_udf
+
+    model = actor_cls(**actor_kwargs)
+    left = None if keep is None else len(keep)
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image"]):
+            batch = {"id": rb.column(0).to_numpy().astype(np.int64),
+                     "image": np.asarray(rb.column(1).to_pylist(), dtype=object)}
+            dec = decode_udf(batch, prep, skip, keep)
+            if len(dec["id"]):
+                yield model(dec)
+                if left is not None:
+                    left -= len(dec["id"])
+            if left is not None and left <= 0:
+                return
+
+
+def consume(batches, sink: ShardCollector, bar=None, timing: dict | None = None,
+            pending: int | None = None) -> None:
+    """Feed `batches` into `sink` (updating a tqdm `bar`; `timing` gets first_result_s/rows from
+    `t0` in it); a CoregError raised inside Ray comes out as itself, one line."""
+    import time
+
+    timing = {} if timing is None else timing
+    t0 = timing.setdefault("t0", time.time())
+    try:
+        for batch in batches:
+            n = sink.add(batch)
+            if "first_result_s" not in timing and n:
+                timing["first_result_s"] = time.time() - t0
+                timing["first_result_rows"] = n
+            if bar is not None:
+                bar.update(n)
+                if pending is not None:
+                    bar.set_postfix(shards=f"{sink.written}/{pending}")
+    except CoregError:
+        raise
+    except Exception as exc:
+        cause = coreg_cause(exc)
+        if cause is not None:
+            raise CoregError(str(cause.args[0]) if cause.args else str(cause)) from None
+        raise
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        if bar is not None:
+            bar.close()
+    sink.finish()
