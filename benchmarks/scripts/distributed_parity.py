@@ -1,6 +1,7 @@
 """2 Ray Train workers vs 1 worker vs the plain single process, same data, config and seeds.
 
-    .venv/bin/python benchmarks/distributed_parity.py --seeds 0 1 --out benchmarks/distributed_parity.json
+    .venv/bin/python benchmarks/scripts/distributed_parity.py --seeds 0 1 \
+        --out benchmarks/results/distributed_parity.json
 
 Digits (scikit-learn, 1,438 train / 359 test), synthetic candidates (q=0.3, eta=0.1), MLP,
 no flips. `train.batch_size` is the global batch, so every setting takes the same number of

@@ -2,7 +2,8 @@
 with every epoch accounted for and computes exactly what an uninterrupted run computes; then
 interrupt a run for good (no restarts allowed) and launch it again with the same name.
 
-    .venv/bin/python benchmarks/distributed_fault_drill.py --out benchmarks/distributed_fault_drill.json
+    .venv/bin/python benchmarks/scripts/distributed_fault_drill.py \
+        --out benchmarks/results/distributed_fault_drill.json
 
 Digits (1,438 train / 359 test), synthetic candidates (q=0.3, eta=0.1), MLP, 8 epochs (4 warm-up),
 2 CPU workers.

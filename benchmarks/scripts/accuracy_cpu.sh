@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # CPU-sized accuracy check: annotator vs warm-up-only vs Co-Reg on the same data, backbone,
 # epochs and seed. Usage:
-#   bash benchmarks/accuracy_cpu.sh OUTDIR N_TRAIN EPOCHS WARMUP PER_CLASS [extra --set args...]
+#   bash benchmarks/scripts/accuracy_cpu.sh OUTDIR N_TRAIN EPOCHS WARMUP PER_CLASS [extra --set args...]
+# COREG_DATA: the folder holding train.parquet and test.parquet; the defaults (OUTDIR
+# runs/bench-cifar, the CIFAR-10 copy the configs name) are taken from the repository root.
 set -euo pipefail
-out=${1:-runs/bench-cifar}; n=${2:-2000}; ep=${3:-30}; wu=${4:-10}; pc=${5:-10}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+out=${1:-$repo/runs/bench-cifar}; n=${2:-2000}; ep=${3:-30}; wu=${4:-10}; pc=${5:-10}
 shift 5 || true
-data=${COREG_DATA:-../shared/data/cifar10-jpeg}
+data=${COREG_DATA:-$repo/../shared/data/cifar10-jpeg}
 mkdir -p "$out"
 coreg-ray simulate-annotator --images "$data/train.parquet" --limit "$n" --templates 8 \
   --per-class "$pc" --output "$out/ann.parquet" --test-images "$data/test.parquet" \

@@ -1,6 +1,6 @@
 """Where the time of a Co-Reg step goes: torch.profiler over the post-warm-up training steps.
 
-    PYTHONPATH=. python3 benchmarks/profile_step.py --images .devdata/cifar10-jpeg/train.parquet \
+    python3 benchmarks/scripts/profile_step.py --images .devdata/cifar10-jpeg/train.parquet \
         --limit 50000 --steps 30 --out $OUT
 
 Runs 1 warm-up epoch (untimed), then profiles `--steps` steps of `train_net` (net 1 on net 2's
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[2]  # the repository root (no install needed)
+sys.path.insert(0, str(REPO))
 
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.coreg.trainer import CoReg  # noqa: E402
@@ -27,12 +28,12 @@ from coreg_ray.data import load_image_table, synthetic_annotations  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", default=".devdata/cifar10-jpeg/train.parquet")
+    ap.add_argument("--images", default=str(REPO / ".devdata/cifar10-jpeg/train.parquet"))
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backbone", default="preact_resnet18")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--out", default="runs/profile")
+    ap.add_argument("--out", default=str(REPO / "runs/profile"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

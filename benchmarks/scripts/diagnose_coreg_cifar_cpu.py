@@ -2,17 +2,19 @@
 simulated-VLM column (1,000 images, small_cnn, 20 epochs, warm-up 5, seed 0), one switch at a
 time. One JSON line per variant (final test accuracy, |P|, pseudo-label accuracy on P and U).
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnose_coreg_cifar_cpu.py --variants base balanced ...
+    OMP_NUM_THREADS=1 python benchmarks/scripts/diagnose_coreg_cifar_cpu.py --variants base balanced ...
 """
 import argparse
 import json
 import time
+from pathlib import Path
 
 from coreg_ray.config import Config
 from coreg_ray.data import load_image_table
 from coreg_ray.data.noise import SimulatedVLM
 from coreg_ray.methods import run_method
 
+REPO = Path(__file__).resolve().parents[2]  # the repository root
 VARIANTS = {
     "base": [],
     "balanced": ["coreg.class_balanced_split=true"],
@@ -24,8 +26,8 @@ VARIANTS = {
 }
 ap = argparse.ArgumentParser()
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-ap.add_argument("--data", default="../shared/data/cifar10-jpeg")
-ap.add_argument("--out", default="benchmarks/results/diagnose_coreg_cifar_cpu.jsonl")
+ap.add_argument("--data", default=str(REPO.parent / "shared/data/cifar10-jpeg"))
+ap.add_argument("--out", default=str(REPO / "benchmarks/results/diagnose_coreg_cifar_cpu.jsonl"))
 args = ap.parse_args()
 train = load_image_table(f"{args.data}/train.parquet", limit=1000)
 test = load_image_table(f"{args.data}/test.parquet", limit=1000)

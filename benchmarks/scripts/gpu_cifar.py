@@ -1,7 +1,7 @@
 """One GPU call: Co-Reg seconds per epoch on the 50k CIFAR-10 copy (PreAct ResNet-18, batch 256)
 and annotator vs warm-up-only vs Co-Reg at full size, with the epoch count sized to a budget.
 
-    python benchmarks/gpu_cifar.py --data .devdata/cifar10-jpeg \
+    python benchmarks/scripts/gpu_cifar.py --data .devdata/cifar10-jpeg \
         --ann .devdata/ann/sim-pc100.parquet --ann-stats .devdata/ann/sim-pc100.json \
         --out $OUT --budget 400
 
@@ -16,7 +16,8 @@ and annotator vs warm-up-only vs Co-Reg at full size, with the epoch count sized
    stopped by the budget still leaves its curve), test accuracy every epoch.
 
 Only torch, torchvision, numpy, pyarrow, Pillow, scikit-learn are needed (no Ray/MLflow), so it
-runs on the device machine from the checkout with PYTHONPATH=. .
+runs on the device machine from the checkout (the script puts the repository root on sys.path).
+Default paths (--data, --ann, --out) are taken from the repository root.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from benchmarks.gpu_common import (decode_tables, load_annotations, load_tables,  # noqa: E402
-                                   run_children, short_run_overrides)
+from benchmarks.scripts.gpu_common import (REPO, SCRATCH, decode_tables,  # noqa: E402
+                                           load_annotations, load_tables, run_children,
+                                           short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.coreg.trainer import CoReg  # noqa: E402
 
@@ -130,7 +132,7 @@ def driver(args) -> None:
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "python": sys.version.split()[0]}
     print(json.dumps(env), flush=True)
-    tables = "/tmp/coreg-cifar-tables.pt"
+    tables = str(SCRATCH / "coreg-cifar-tables.pt")
     train, test, decode_s = decode_tables(args.data, args.limit, tables)
     ann = load_annotations(args.ann, train)
     summary = {"env": env, "train_images": len(train), "test_images": len(test),
@@ -214,10 +216,10 @@ def driver(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=".devdata/cifar10-jpeg")
-    ap.add_argument("--ann", default=".devdata/ann/sim-pc100.parquet")
+    ap.add_argument("--data", default=str(REPO / ".devdata/cifar10-jpeg"))
+    ap.add_argument("--ann", default=str(REPO / ".devdata/ann/sim-pc100.parquet"))
     ap.add_argument("--ann-stats", default=None)
-    ap.add_argument("--out", default="runs/gpu-cifar")
+    ap.add_argument("--out", default=str(REPO / "runs/gpu-cifar"))
     ap.add_argument("--budget", type=float, default=400.0, help="wall seconds for the whole script")
     ap.add_argument("--overhead", type=float, default=45.0,
                     help="seconds reserved for child start-up and final evaluation")

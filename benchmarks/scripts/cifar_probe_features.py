@@ -1,9 +1,35 @@
-import time, numpy as np, torch, torch.nn.functional as F, sys
+"""CIFAR-10 probe, step 1 (benchmarks/accuracy_cifar_cpu.md, sessions 4-5): K patch features
+(whitened 6x6 patches, K-means dictionary, soft-threshold encoding, 2x2 pooling) of every
+training image and the first 2,000 test images, standardised on rows 5,000+, saved as float16
+for `cifar_probe_templates.py` and `cifar_probe_pilot.py`.
+
+    python benchmarks/scripts/cifar_probe_features.py 256 [--data DIR] [--out FILE]
+
+--data: the folder with train.parquet and test.parquet (default: the CIFAR-10 copy the configs
+name); --out: default runs/cifar-probe/featK.npz under the repository root.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from coreg_ray.data import load_image_table
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root
+DATA = REPO.parent / "shared/data/cifar10-jpeg"  # the CIFAR-10 copy the configs name
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("k", type=int, nargs="?", default=256, help="dictionary size K")
+ap.add_argument("--data", default=str(DATA))
+ap.add_argument("--out", default=None, help="default: runs/cifar-probe/featK.npz")
+args = ap.parse_args()
+out = Path(args.out or REPO / f"runs/cifar-probe/feat{args.k}.npz")
 torch.manual_seed(0)
 t0=time.time()
-tr = load_image_table("/work/main/.devdata/cifar10-jpeg/train.parquet")
-te = load_image_table("/work/main/.devdata/cifar10-jpeg/test.parquet", limit=2000)
+tr = load_image_table(f"{args.data}/train.parquet")
+te = load_image_table(f"{args.data}/test.parquet", limit=2000)
 print("load", time.time()-t0, flush=True)
 
 def patch_dict(x, k=256, p=6, n=100000, seed=0):
@@ -39,7 +65,7 @@ def encode(x, m, W, D, p=6, alpha=0.25, bs=2000):
         out.append(F.adaptive_avg_pool2d(f, 2).flatten(1))
     return torch.cat(out)
 
-K = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+K = args.k
 xtr = tr.images.float()/255; xte = te.images.float()/255
 m, W, D = patch_dict(xtr[5000:], k=K)
 print("dict", time.time()-t0, flush=True)
@@ -47,4 +73,5 @@ ftr = encode(xtr, m, W, D); fte = encode(xte, m, W, D)
 mu, sd = ftr[5000:].mean(0), ftr[5000:].std(0)+1e-3
 ftr = ((ftr-mu)/sd).numpy(); fte = ((fte-mu)/sd).numpy()
 print("enc", time.time()-t0, ftr.shape, flush=True)
-np.savez(f"/tmp/probe/feat{K}.npz", tr=ftr.astype(np.float16), te=fte.astype(np.float16), ytr=tr.labels, yte=te.labels)
+out.parent.mkdir(parents=True, exist_ok=True)
+np.savez(out, tr=ftr.astype(np.float16), te=fte.astype(np.float16), ytr=tr.labels, yte=te.labels)

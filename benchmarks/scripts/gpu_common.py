@@ -2,20 +2,25 @@
 starts child processes (at most `parallel` at once) and stops them at a deadline.
 
 Only torch, numpy, pyarrow, Pillow and scikit-learn are needed (the device machine has no Ray or
-MLflow); scripts run from the checkout with PYTHONPATH=. .
+MLflow); scripts run from the checkout (each puts the repository root on sys.path). `REPO`: the
+repository root, for default paths; `SCRATCH`: the system's temporary folder, for the decoded
+tables and the children's per-epoch files.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[2]
+SCRATCH = Path(tempfile.gettempdir())
+sys.path.insert(0, str(REPO))
 
 from coreg_ray.data import load_image_table, read_annotations  # noqa: E402
 

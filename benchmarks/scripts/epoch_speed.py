@@ -1,7 +1,10 @@
 """Seconds per epoch of Co-Reg (warm-up and full post-warm-up epochs, both networks).
 
-    python benchmarks/epoch_speed.py --images ../shared/data/cifar10-jpeg/train.parquet \
+    python benchmarks/scripts/epoch_speed.py [--images TRAIN.parquet] \
         --backbone preact_resnet18 --batch-size 256
+
+--images defaults to the CIFAR-10 training table the configs name (a path from the repository
+root, wherever this runs from).
 
 Uses synthetic candidates (q=0.1, eta=0.1) so no annotator is needed; prototypes and the
 contrastive term are on from the first post-warm-up epoch. Prints one JSON line per epoch.
@@ -9,6 +12,7 @@ Goal on one H200: < 8 s per 50k-image Co-Reg epoch (the authors' code: ~135 s).
 """
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -16,8 +20,9 @@ from coreg_ray.config import Config
 from coreg_ray.coreg.trainer import CoReg
 from coreg_ray.data import load_image_table, synthetic_annotations
 
+REPO = Path(__file__).resolve().parents[2]  # the repository root
 ap = argparse.ArgumentParser()
-ap.add_argument("--images", default="../shared/data/cifar10-jpeg/train.parquet")
+ap.add_argument("--images", default=str(REPO.parent / "shared/data/cifar10-jpeg/train.parquet"))
 ap.add_argument("--limit", type=int, default=None)
 ap.add_argument("--backbone", default="preact_resnet18")
 ap.add_argument("--batch-size", type=int, default=256)

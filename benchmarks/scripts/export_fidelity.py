@@ -7,7 +7,7 @@ runs each export in a fresh process (onnxruntime / torch.jit.load, one thread) o
 `Classifier.logits` in this process (fp32, CPU). Prints one JSON line; results for
 benchmarks/export.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_fidelity.py --output runs/export-bench
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scripts/export_fidelity.py --output runs/export-bench
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[2]  # the repository root
 FRESH = r"""
 import sys, numpy as np
 fmt, model, images, out = sys.argv[1:]
@@ -44,8 +45,8 @@ np.savez(out, big=big, one=one)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/cifar10-jpeg")
-    ap.add_argument("--output", default="runs/export-bench")
+    ap.add_argument("--data", default=str(REPO.parent / "shared/data/cifar10-jpeg"))
+    ap.add_argument("--output", default=str(REPO / "runs/export-bench"))
     ap.add_argument("--train-images", type=int, default=2000)
     ap.add_argument("--test-images", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=2)

@@ -1,13 +1,36 @@
-import json, time, sys
+"""CIFAR-10 probe, 10 classes (benchmarks/accuracy_cifar_cpu.md, sessions 4-5): one method on the
+first N training images, annotated by 8 logistic-regression templates on the patch features of
+`cifar_probe_features.py` (20 images per class of rows 5,000+, half the features each), small_cnn
+for EPOCHS epochs (warm-up WARMUP), config overrides last; one JSON line (accuracy, curve, P).
+
+    OMP_NUM_THREADS=1 python benchmarks/scripts/cifar_probe_pilot.py coreg 3000 24 8 [key=value ...]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+
 from coreg_ray.config import Config
 from coreg_ray.data import load_image_table
 from coreg_ray.data.annotations import AnnotationTable
 from coreg_ray.methods import run_method
-method, n, ep, wu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-extra = sys.argv[5:]
-d = np.load("/tmp/probe/feat256.npz"); ftr=d["tr"].astype(np.float32); fte=d["te"].astype(np.float32); y=d["ytr"]
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root
+DATA = REPO.parent / "shared/data/cifar10-jpeg"  # the CIFAR-10 copy the configs name
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("method")
+ap.add_argument("n", type=int, help="training images (the first N)")
+ap.add_argument("epochs", type=int)
+ap.add_argument("warmup", type=int)
+ap.add_argument("overrides", nargs="*", help="config key=value, applied last")
+ap.add_argument("--data", default=str(DATA))
+ap.add_argument("--features", default=str(REPO / "runs/cifar-probe/feat256.npz"))
+args = ap.parse_args()
+method, n, ep, wu, extra = args.method, args.n, args.epochs, args.warmup, args.overrides
+d = np.load(args.features); ftr=d["tr"].astype(np.float32); fte=d["te"].astype(np.float32); y=d["ytr"]
 rng = np.random.default_rng(0); pool = np.arange(5000, 50000)
 def ann_for(F, ids):
     V=[];P=[]
@@ -20,8 +43,8 @@ for t in range(8):
     rows=np.concatenate([rng.choice(pool[y[pool]==c], 20, replace=False) for c in range(10)])
     cols=rng.choice(1024, 512, replace=False)
     T.append((cols, LogisticRegression(max_iter=200, C=0.01).fit(ftr[rows][:,cols], y[rows])))
-tr = load_image_table("/work/main/.devdata/cifar10-jpeg/train.parquet", limit=n)
-te = load_image_table("/work/main/.devdata/cifar10-jpeg/test.parquet", limit=2000)
+tr = load_image_table(f"{args.data}/train.parquet", limit=n)
+te = load_image_table(f"{args.data}/test.parquet", limit=2000)
 ann = ann_for(ftr[:n], tr.ids); tann = ann_for(fte, te.ids)
 c = ann.candidates
 print("ann", c.sum(1).mean(), c[np.arange(n), tr.labels].mean(), "test-ens", (tann.probs.argmax(1)==te.labels).mean(), flush=True)

