@@ -275,9 +275,12 @@ def ray_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep
     if "use_datasource_v2" in saved:
         ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False  # the caller shows one bar over images instead
-    if "target_max_block_size" in saved:  # blocks of about one batch of decoded pixels
+    if "target_max_block_size" in saved:
+        # Blocks of at most one batch of decoded pixels (a block is cut once it is *over* the
+        # target, hence half a batch): the default (128 MiB, ~900 images at 224 px) made the
+        # actor return its first rows only after hundreds of images.
         size = int(prep.get("size") or 224)
-        ctx.target_max_block_size = max(1 << 20, int(batch_size) * size * size * 3)
+        ctx.target_max_block_size = max(1024, int(batch_size) * size * size * 3 // 2)
     try:
         ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"])
         ds = ds.select_columns(["id", "image"])
@@ -321,7 +324,8 @@ def local_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, keep=No
 def consume(batches, sink: ShardCollector, bar=None, timing: dict | None = None,
             pending: int | None = None) -> None:
     """Feed `batches` into `sink` (updating a tqdm `bar`; `timing` gets first_result_s/rows from
-    `t0` in it); a CoregError raised inside Ray comes out as itself, one line."""
+    its `t0` and the number of `batches` that reached the driver); a CoregError raised inside Ray
+    comes out as itself, one line."""
     import time
 
     timing = {} if timing is None else timing
@@ -329,6 +333,7 @@ def consume(batches, sink: ShardCollector, bar=None, timing: dict | None = None,
     try:
         for batch in batches:
             n = sink.add(batch)
+            timing["batches"] = timing.get("batches", 0) + 1
             if "first_result_s" not in timing and n:
                 timing["first_result_s"] = time.time() - t0
                 timing["first_result_rows"] = n

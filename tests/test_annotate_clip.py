@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -356,18 +355,8 @@ def test_local_engine_merge_and_bad_images(tiny_clip_dirs, tmp_path):
 
 
 # ============================================================================= Ray Data end to end
-@pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def ray_run(ray_session, tmp_path_factory):
+def ray_run(ray_runtime, tmp_path_factory):
     """One pipeline run: 64 CIFAR images, 4 shards of 16, random ViT-S-32-alt at 32 px."""
     tmp = tmp_path_factory.mktemp("ray_annotate")
     path = _cifar_subset(tmp / "data", 64)
@@ -395,6 +384,7 @@ def test_ray_pipeline_end_to_end(ray_run):
     src = pq.read_table(ray_run["path"], columns=["id", "label"])
     ids = src.column("id").to_numpy()
     assert ann.ids.tolist() == ids.tolist()  # every id exactly once, in input order
+    assert ray_run["rep"]["timing"]["batches"] >= 4  # 64 images in batches of 16, streamed
     assert ann.votes.shape == (64, 27) and ann.candidates.shape == (64, 10)
     assert ann.probs.shape == (64, 10) and np.allclose(ann.probs.sum(1), 1, atol=1e-4)
     assert np.array_equal(ann.candidates, logic.union_candidates(ann.votes, 10).numpy())

@@ -171,6 +171,7 @@ def test_ray_predict_equals_local_and_the_job_entrypoint_runs(student, ray_runti
     s = run_predict(d / "model.pt", d / "pool", tmp_path / "ray.parquet", num_actors=2,
                     batch_size=32, shard_size=100, progress=False)
     assert s["resources"]["num_actors"] == 2 and s["shards_computed"] == 3
+    assert s["batches"] >= 300 // 32  # results stream back batch by batch, not in one block
     a, b = _read(tmp_path / "local.parquet"), _read(tmp_path / "ray.parquet")
     assert a["id"] == b["id"] == pool.ids.tolist() and a["label"] == b["label"]
     assert np.allclose(a["confidence"], b["confidence"], atol=1e-6)

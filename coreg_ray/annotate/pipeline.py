@@ -342,6 +342,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                 t0 = time.time()
                 clock = {"t0": t0}
                 consume(batches, writer, bar, clock, len(pending))
+                timing["batches"] = timing.get("batches", 0) + clock.get("batches", 0)
                 if "first_result_s" not in timing and "first_result_s" in clock:
                     timing.update(first_result_s=clock["first_result_s"],
                                   first_result_rows=clock["first_result_rows"],
