@@ -371,12 +371,16 @@ class Config:
         return out
 
     def check_schedule(self) -> None:
-        """The rule between keys of a Co-Reg run: the warm-up fits in the run (equal is the
-        warm-up-only method). Checked before a run touches its inputs or outputs."""
+        """The rules between keys of a Co-Reg run: the warm-up fits in the run (equal is the
+        warm-up-only method), and the cosine schedule goes down (lr_min <= lr). Checked before
+        a run touches its inputs or outputs."""
         t = self.train
         if t.warmup_epochs > t.epochs:
             raise CoregError(f"config key 'train.warmup_epochs': {t.warmup_epochs} is out of range "
                              f"(valid: 0 to train.epochs = {t.epochs})")
+        if t.lr_min > t.lr:
+            raise CoregError(f"config key 'train.lr_min': {t.lr_min:g} is out of range (valid: 0 "
+                             f"to train.lr = {t.lr:g}; the cosine schedule decays from lr to lr_min)")
 
 
 def _coerce(name: str, value, hint):

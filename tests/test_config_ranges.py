@@ -156,6 +156,15 @@ def test_warmup_may_equal_epochs_but_not_exceed_them():
         c.check_schedule()  # ... the rule between them is checked before a run
 
 
+def test_the_cosine_schedule_must_decay():
+    c = Config.load(None, ["train.lr=0.02", "train.lr_min=0.02"])
+    c.check_schedule()  # a constant rate is allowed
+    c.train.lr_min = 0.05
+    with pytest.raises(CoregError, match=r"config key 'train.lr_min': 0.05 is out of range "
+                                         r"\(valid: 0 to train.lr = 0.02"):
+        c.check_schedule()
+
+
 # ------------------------------------------------------------------- the issue's cases
 ISSUE_CASES = [
     (["--set", "train.lr=-1"], "config key 'train.lr': -1.0 is out of range (valid: > 0)"),
