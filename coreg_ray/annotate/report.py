@@ -70,7 +70,7 @@ def _pct(x):
 
 
 def to_markdown(report: dict) -> str:
-    L = [f"# Annotation report", ""]
+    L = ["# Annotation report", ""]
     L += [f"- source: `{report.get('source', '')}`",
           f"- annotators: {', '.join('`' + a + '`' for a in report.get('annotators', []))}",
           f"- merge: {report.get('merge', 'n/a')}; candidate mode: {report.get('candidate_mode')}",
