@@ -204,8 +204,14 @@ def cmd_annotate(args):
                          shard_size=args.shard_size,
                          on_bad_image="fail" if args.fail_on_bad_image else "skip",
                          restart=args.restart, engine=args.engine)
-    keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy", "skipped")
-    _print_json({k: rep[k] for k in keys if k in rep})
+    keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy")
+    show = {k: rep["quality"][k] for k in keys if k in rep.get("quality", {})}
+    t = rep.get("timing", {})
+    show.update(skipped=rep["skipped"], output=rep["output"],
+                images_per_s=round(t.get("images_per_s", 0.0), 2))
+    if "first_result_s" in t:
+        show["first_result_s"] = round(t["first_result_s"], 2)
+    _print_json(show)
 
 
 def cmd_evaluate(args):

@@ -354,6 +354,24 @@ def test_local_engine_merge_and_bad_images(tiny_clip_dirs, tmp_path):
                        templates=SMALL_TEMPLATES[:2], on_bad_image="fail", progress=False)
 
 
+@pytest.mark.slow
+def test_cli_annotate_prints_the_quality_summary(tiny_clip_dirs, tmp_path, capsys):
+    """`coreg-ray annotate` prints the table's statistics (they live in the report's `quality`;
+    the command used to print only `skipped`)."""
+    import json
+
+    from coreg_ray.cli import main
+
+    path = _cifar_subset(tmp_path / "data", 12, bad_rows=(3,))
+    assert main(["annotate", "--images", str(path), "--annotator",
+                 f"clip:local-dir:{tiny_clip_dirs[0]}", "--templates", "small", "--engine",
+                 "local", "--output", str(tmp_path / "ann.parquet")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["images"] == 11 and shown["skipped"] == 1 and shown["avg_candidates"] >= 1
+    assert 0 <= shown["partial_accuracy"] <= 1 and 0 <= shown["ensemble_accuracy"] <= 1
+    assert shown["output"].endswith("ann.parquet") and shown["images_per_s"] > 0
+
+
 # ============================================================================= Ray Data end to end
 @pytest.fixture(scope="module")
 def ray_run(ray_runtime, tmp_path_factory):
