@@ -152,14 +152,23 @@ def cmd_report(args):
 
 def train_run(images, annotations, output, config=None, overrides=(), test_images=None,
               resume=False, image_size=None, limit=None, mlflow=True, progress=True,
-              run_name=None, log=print) -> dict:
+              run_name=None, log=print, register=None) -> dict:
     """The `train` command as a function: `coreg_ray.runs.execute` of a Co-Reg `RunSpec`
     (kept under this name for callers of it; `log` is accepted and unused)."""
     from coreg_ray.runs import RunSpec, execute
 
     return execute(RunSpec(images, annotations, output, config=config, overrides=overrides,
                            test_images=test_images, resume=resume, image_size=image_size,
-                           limit=limit, run_name=run_name, tracking=mlflow, progress=progress))
+                           limit=limit, run_name=run_name, tracking=mlflow, progress=progress,
+                           register=register))
+
+
+def _say_model(m: dict) -> None:
+    """Where a tracked run's MLflow model went (stderr: stdout stays the JSON summary)."""
+    if m.get("mlflow_model_uri"):
+        reg = (f"; registered as {m['registered_model']} version {m['registered_version']}"
+               if m.get("registered_version") else "")
+        print(f"model: {m['mlflow_model_uri']}{reg}", file=sys.stderr)
 
 
 def cmd_train(args):
@@ -170,15 +179,18 @@ def cmd_train(args):
                               args.set or [], args.test_images, workers=args.workers,
                               gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
                               max_failures=args.max_failures, image_size=args.image_size,
-                              limit=args.limit, mlflow=not args.no_mlflow, run_name=args.run_name)
+                              limit=args.limit, mlflow=not args.no_mlflow, run_name=args.run_name,
+                              register=args.register)
         print(summarize(m))
+        _say_model(m)
         return
     m = train_run(args.images, args.annotations, args.output, args.config, args.set or [],
                   args.test_images, args.resume, args.image_size, args.limit,
-                  mlflow=not args.no_mlflow, run_name=args.run_name)
+                  mlflow=not args.no_mlflow, run_name=args.run_name, register=args.register)
     show = {k: m[k] for k in ("test_accuracy", "annotator_accuracy", "partial_accuracy",
                               "avg_candidates", "epochs", "seconds") if k in m}
     _print_json(show)
+    _say_model(m)
 
 
 def cmd_tune(args):
@@ -228,7 +240,8 @@ def cmd_experiment(args):
     from coreg_ray.experiment import run_experiment
 
     table = run_experiment(args.config, args.output, args.set or [], parallel=args.parallel,
-                           resume=not args.no_resume, mlflow=False if args.no_mlflow else None)
+                           resume=not args.no_resume, mlflow=False if args.no_mlflow else None,
+                           register=args.register)
     print(table.markdown)
     s = table.summary
     print(f"table: {Path(args.output) / 'table.md'} (and table.csv); runs: "
@@ -350,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Train checkpoints (default OUTPUT/ray; shared or s3:// on a cluster); "
                         "launching again with the same path and output resumes")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
+    p.add_argument("--register", metavar="NAME", default=None,
+                   help="also add the run's MLflow model (runs:/<id>/model) to the Model "
+                        "Registry as a new version of NAME (needs MLflow tracking)")
     _valid(p, workers=Range(0), gpus_per_worker=Range(0), max_failures=Range(-1))
     p.set_defaults(fn=cmd_train)
 
@@ -382,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-resume", action="store_true",
                    help="run everything again (earlier results.jsonl is set aside)")
+    p.add_argument("--register", metavar="NAME", default=None,
+                   help="each run's model (Co-Reg and its variants) becomes a version of NAME "
+                        "in the Model Registry; alias 'best': the highest test accuracy")
     _valid(p, parallel=Range(1))
     p.set_defaults(fn=cmd_experiment)
 

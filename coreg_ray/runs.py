@@ -9,7 +9,9 @@ atomically: OUTPUT/config.yaml, checkpoints (Co-Reg), model.pt, metrics.json, cu
 default method, `coreg`, is the Co-Reg trainer with per-epoch checkpoints and `--resume`; any
 other name of `coreg_ray.methods` (a Co-Reg variant, a baseline, zero_shot, ...) runs through
 `run_method`. Tracking goes through one `Tracker` (`coreg_ray.distributed.tracking`: MLflow or
-`NoTracker`), and Ray is started in one place, `start_ray`.
+`NoTracker`): a tracked run that trained a student also logs it as the run's MLflow model
+(`runs:/<id>/model`, `coreg_ray.mlflow_model`), and `register` adds it to the Model Registry.
+Ray is started in one place, `start_ray`.
 
 Callers: `coreg-ray train` (`cli.train_run`), the quickstart; Ray Train, Tune, the experiment
 driver and the annotation pipeline start Ray with `start_ray`.
@@ -46,6 +48,8 @@ class RunSpec:
     (`params`: its parameters; `test_annotations`: the test split's table, for zero_shot).
     seed: sets `train.seed` (None: the config's). run_name: the tracked run's name.
     tracking: False turns MLflow off whatever the config says.
+    register: a registered model name: the run's MLflow model becomes a new version of it
+    (needs tracking).
     """
 
     images: Any
@@ -64,6 +68,7 @@ class RunSpec:
     run_name: str | None = None
     tracking: bool = True
     progress: bool = True
+    register: str | None = None
 
 
 def start_ray(address: str | None = None, logging_level: int | None = logging.WARNING):
@@ -109,7 +114,22 @@ def resolve_config(spec: RunSpec, state: dict | None, cfg_path: Path):
     if not spec.tracking:
         cfg.tracking.mlflow = False
     cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
+    check_register(spec.register, cfg.tracking.mlflow)
     return cfg
+
+
+def check_register(name: str | None, tracked: bool) -> None:
+    """One line unless `name` (None: nothing to register) can be registered: tracking on,
+    MLflow installed, a valid registered model name."""
+    if name is None:
+        return
+    if not tracked:
+        raise CoregError("--register puts the run's model in MLflow's Model Registry: it needs "
+                         "MLflow tracking (drop --no-mlflow; tracking.mlflow=true)")
+    require("mlflow", "mlflow")
+    from coreg_ray.mlflow_model import check_model_name
+
+    check_model_name(name)
 
 
 def execute(spec: RunSpec) -> dict:
@@ -152,7 +172,7 @@ def execute(spec: RunSpec) -> dict:
     trainer.save_model(out / "model.pt")
     metrics = run_metrics(cfg, train, test, ann, stats, final, time.perf_counter() - t0,
                           trainer.history)
-    return _finish(spec, cfg, out, metrics, tracker)
+    return _finish(spec, cfg, out, metrics, tracker, train)
 
 
 def run_metrics(cfg, train, test, ann, stats: dict, final: dict, wall: float,
@@ -172,8 +192,10 @@ def run_metrics(cfg, train, test, ann, stats: dict, final: dict, wall: float,
     }
 
 
-def _finish(spec: RunSpec, cfg, out: Path, metrics: dict, tracker: Tracker) -> dict:
-    """metrics.json, curves.png beside it, and the tracker's final metrics and files."""
+def _finish(spec: RunSpec, cfg, out: Path, metrics: dict, tracker: Tracker,
+            train=None) -> dict:
+    """metrics.json, curves.png beside it, and the tracker's final metrics and files; with
+    `train` (the training table: a student was trained), model.pt as the run's MLflow model."""
     write_json_atomic(out / "metrics.json", metrics)
     from coreg_ray.plots import training_curves, write_beside  # curves.png beside metrics.json
 
@@ -184,8 +206,37 @@ def _finish(spec: RunSpec, cfg, out: Path, metrics: dict, tracker: Tracker) -> d
         tracker.log_artifact(out / f)
     if tracker.run_id is not None:
         metrics["mlflow_run_id"] = tracker.run_id
+        if train is not None:
+            metrics.update(log_run_model(tracker, out / "model.pt", train, spec.register,
+                                         {"coreg.output": str(out.resolve()),
+                                          "test_accuracy": metrics.get("test_accuracy")}))
     tracker.end()
     return metrics
+
+
+def log_run_model(tracker: Tracker, model_path: Path, train, register: str | None,
+                  tags: dict) -> dict:
+    """`tracker.log_model` of a finished run's model.pt (two training images as its input
+    example): {"mlflow_model_uri", and "registered_model", "registered_version"}. A failure ends
+    the run FAILED and is one line (the run's files are all written by then)."""
+    from coreg_ray.mlflow_model import encode_png
+
+    try:
+        logged = tracker.log_model(model_path, encode_png(train.images), register, tags)
+    except BaseException as exc:
+        tracker.end(exc)
+        if isinstance(exc, (KeyboardInterrupt, CoregError)):
+            raise
+        first = " ".join(str(exc).split())[:300]
+        raise CoregError(f"{model_path.parent}: the run finished, but logging its model to MLflow "
+                         f"failed ({type(exc).__name__}: {first})") from exc
+    if not logged:
+        return {}
+    out = {"mlflow_model_uri": logged["model_uri"]}
+    if "version" in logged:
+        out.update(registered_model=logged["registered_model"],
+                   registered_version=logged["version"])
+    return out
 
 
 def _execute_method(spec: RunSpec) -> dict:
@@ -193,11 +244,14 @@ def _execute_method(spec: RunSpec) -> dict:
     first, then run_method; model.pt when the method trains a Co-Reg model."""
     from coreg_ray.coreg.trainer import check_training_inputs
     from coreg_ray.data import AnnotationTable, annotation_stats, load_run_inputs, read_annotations
-    from coreg_ray.methods import FEWSHOT, describe, run_method
+    from coreg_ray.methods import FEWSHOT, describe, method_info, run_method
 
     describe(spec.method)  # an unknown name is one line before anything is read
     if spec.resume:
         raise CoregError(f"--resume continues Co-Reg training only, not method {spec.method}")
+    if spec.register and method_info(spec.method).kind != "coreg":
+        raise CoregError(f"--register: method {spec.method} writes no model.pt (only Co-Reg and "
+                         "its variants do): nothing to register")
     out = check_output_dir(spec.output, "output folder")
     cfg = resolve_config(spec, None, out / "config.yaml")
     train, test, ann = load_run_inputs(spec.images, spec.annotations, spec.test_images,
@@ -225,4 +279,5 @@ def _execute_method(spec: RunSpec) -> dict:
     metrics["epochs"] = res.get("epochs")
     metrics = {"method": spec.method, **metrics,
                **{k: v for k, v in res.items() if k not in metrics and k != "method"}}
-    return _finish(spec, cfg, out, metrics, tracker)
+    trained = method_info(spec.method).kind == "coreg"  # run_method wrote model.pt
+    return _finish(spec, cfg, out, metrics, tracker, train if trained else None)

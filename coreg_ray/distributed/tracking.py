@@ -7,6 +7,10 @@
   (Ray Train's rank 0, a Tune callback, a relaunch that finds the run again by a tag) log into it
   and no process-global MLflow setting is touched; `child(...)` makes a nested run.
 
+Every tracker's `log_model(model_path, examples, register, tags)` logs a trained `model.pt` as
+the run's MLflow model at artifact path `model` (`coreg_ray.mlflow_model`: a pyfunc taking
+encoded images), and with `register` adds it to the Model Registry of the same store.
+
 Embedded default: a SQLite store `sqlite:///mlruns.db` in the working directory (MLflow 3.17's
 plain file store refuses to work); `MLFLOW_TRACKING_URI` or `tracking.tracking_uri` override.
 """
@@ -88,6 +92,18 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         raise NotImplementedError
 
+    def log_model(self, model_path: str | Path, examples: list[bytes] | None = None,
+                  register: str | None = None, tags: dict | None = None) -> dict | None:
+        """`model_path` (a coreg-ray model.pt) as this run's MLflow model `runs:/<id>/model`,
+        `examples` (encoded images) its input example; `register`: also a new version of that
+        registered model, `tags` on the version. Returns {"model_uri", "registered_model",
+        "version"} (None when nothing is tracked)."""
+        if self.run_id is None:
+            return None
+        from coreg_ray.mlflow_model import log_student
+
+        return log_student(self.uri, self.run_id, model_path, examples, register, tags)
+
     def epoch_callback(self, epoch, stats, trainer=None) -> None:
         self.log_metrics(stats, step=epoch)
 
@@ -106,6 +122,9 @@ class NoTracker(Tracker):
 
     def set_tag(self, key, value) -> None:
         pass
+
+    def log_model(self, model_path, examples=None, register=None, tags=None) -> None:
+        return None
 
 
 class MLflowRun(Tracker):

@@ -16,7 +16,8 @@
 - The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `coreg_ray.runs.execute`,
   from the last checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
 - MLflow: one run per (storage_path, name), created by the driver and found again on relaunch;
-  rank 0 logs per-epoch metrics into it, the driver the final metrics and artifacts.
+  rank 0 logs per-epoch metrics into it, the driver the final metrics, artifacts and model.pt as
+  the run's MLflow model (`runs:/<id>/model`; `register`: a Model Registry version too).
 
 With no cluster, `ray.init()` starts a local Ray; inside `ray job submit` it joins the cluster.
 """
@@ -33,7 +34,7 @@ from coreg_ray import safeload
 from coreg_ray.distributed.tracking import MLflowClientRun, NoTracker, finite_metrics
 from coreg_ray.errors import CoregError
 from coreg_ray.outputs import atomic_path, check_output_dir, write_json_atomic
-from coreg_ray.runs import run_metrics, start_ray
+from coreg_ray.runs import check_register, log_run_model, run_metrics, start_ray
 
 RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
 
@@ -171,13 +172,14 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                       cpus_per_worker: float | None = None, image_size=None, limit=None,
                       mlflow: bool = True, run_name: str | None = None, callbacks=(),
                       num_to_keep: int | None = 2, ray_address: str | None = None,
-                      log=print) -> dict:
+                      register: str | None = None, log=print) -> dict:
     """`coreg-ray train --workers N`: Co-Reg in a Ray Train `TorchTrainer` (module doc).
 
     storage_path: where Ray Train keeps checkpoints (default OUTPUT/ray; on a multi-node cluster
     a shared path or s3://...). name: the run's name under it (default: OUTPUT's folder name).
     Launching again with the same storage_path and name resumes that run.
     callbacks: extra picklable epoch callbacks run on every worker (e.g. `FailOnce`).
+    register: a registered model name for the run's MLflow model (needs tracking).
     """
     from coreg_ray.config import Config
     from coreg_ray.coreg.trainer import CHECKPOINT
@@ -194,6 +196,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if not mlflow:
         cfg.tracking.mlflow = False
     cfg.check_schedule()
+    check_register(register, cfg.tracking.mlflow)
     size = image_size or cfg.data.image_size
     train, test, ann = load_run_inputs(images, annotations, test_images, size, limit)
     if test is not None and test.labels is None:
@@ -276,6 +279,10 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                         step=0)
     for f in ("metrics.json", "config.yaml", "model.pt"):
         tracker.log_artifact(out / f)
+    if tracker.run_id is not None:
+        metrics.update(log_run_model(tracker, out / "model.pt", train, register,
+                                     {"coreg.output": str(out.resolve()),
+                                      "test_accuracy": final["test_accuracy"]}))
     tracker.end()
     if tracker.run_id is not None:
         metrics["mlflow_run_id"] = tracker.run_id

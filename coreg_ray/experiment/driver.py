@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -105,8 +107,17 @@ def execute_run(run: dict, train, test, annotations, test_annotations) -> dict:
                       f"{100 * stats['test_accuracy']:.1f}% "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        res = run_method(run["method"], cfg, train, annotations, test, test_annotations,
-                         params=run["params"] or None, callbacks=[progress])
+        keep = run.get("keep_model")  # tracked: the student's model.pt comes back as bytes
+        model_dir = Path(tempfile.mkdtemp(prefix="coreg-run-")) if keep else None
+        try:
+            res = run_method(run["method"], cfg, train, annotations, test, test_annotations,
+                             params=run["params"] or None, callbacks=[progress],
+                             model_path=model_dir / "model.pt" if keep else None)
+            if keep and (model_dir / "model.pt").exists():
+                out["model_pt"] = (model_dir / "model.pt").read_bytes()
+        finally:
+            if model_dir is not None:
+                shutil.rmtree(model_dir, ignore_errors=True)
         out.update({k: _plain(v) for k, v in res.items()})
         if out.get("test_accuracy") is None:
             raise CoregError("the method reported no test accuracy")
@@ -146,6 +157,21 @@ def _plain(v):
 
 
 # ============================================================================ driver
+def _keep_model(out: Path, run: dict, blob: bytes | None) -> Path | None:
+    """A tracked run's model.pt (bytes from its Ray task) written to
+    OUTPUT/models/<method>-seed<seed>[-<k>shot]-<fingerprint>/model.pt; None without one."""
+    if not blob:
+        return None
+    from coreg_ray.outputs import atomic_path
+
+    shots = f"-{run['shots']}shot" if run["shots"] else ""
+    name = f"{run['method']}-seed{run['seed']}{shots}-{run['fingerprint']}"
+    path = out / "models" / name / "model.pt"
+    with atomic_path(path) as tmp:  # (creates the folder)
+        Path(tmp).write_bytes(blob)
+    return path
+
+
 def _read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -182,13 +208,18 @@ def _write_atomic(path: Path, text: str):
 
 
 def run_experiment(config, output_dir, overrides=(), parallel: int | None = None,
-                   resume: bool = True, mlflow: bool | None = None, log=print) -> Table:
+                   resume: bool = True, mlflow: bool | None = None, register: str | None = None,
+                   log=print) -> Table:
     """Run (or finish) an experiment; returns the table (also in OUTPUT/table.{md,csv}).
 
     config: experiment YAML path or dict (schema in the module doc). overrides: `key=value`
     applied to the base config of every run. parallel: at most N runs at once. resume: skip
     runs already in OUTPUT/results.jsonl (False: set that file aside and run everything).
-    mlflow: False turns tracking off (None: the config's tracking.mlflow).
+    mlflow: False turns tracking off (None: the config's tracking.mlflow). When tracked, every
+    run that trains a student keeps OUTPUT/models/<run>/model.pt and logs it as its child run's
+    MLflow model (`runs:/<child>/model`). register: a registered model name: each such model
+    becomes a new version of it (tags: method, setting, seed, shots, test_accuracy), and at the
+    end the alias `best` points at this experiment's version of highest test accuracy.
     """
     exp = Experiment.load(config, overrides)
     if parallel is not None and parallel < 1:
@@ -214,6 +245,10 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
 
     # the data: each distinct table loaded once; annotations once per setting
     base_cfg = exp.run_config(exp.settings[0])
+    use_mlflow = base_cfg.tracking.mlflow if mlflow is None else (mlflow and base_cfg.tracking.mlflow)
+    from coreg_ray.runs import check_register
+
+    check_register(register, use_mlflow)
     tables, setting_data, stats, annotator = {}, {}, {}, {}
     for s in exp.settings:
         size = s.data.get("image_size") or exp.run_config(s).data.image_size
@@ -320,7 +355,6 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
         + (", zero_shot once per shots grid" if "zero_shot" in exp.methods and len(exp.shots) > 1 else "")
         + f"); {done_before} already in {results_path}, {len(todo)} to run")
 
-    use_mlflow = base_cfg.tracking.mlflow if mlflow is None else (mlflow and base_cfg.tracking.mlflow)
     tracker = _Tracker(exp, base_cfg, out, resume, log) if use_mlflow and todo else None
     table, records = write_table()
     n_failed = 0
@@ -355,7 +389,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                     run = pending.pop(0)
                     tr, te = refs[setting_data[run["setting"]]]
                     a, ta = ann_refs[run["setting"]]
-                    task = {**run, "num_cpus": opts["num_cpus"]}
+                    task = {**run, "num_cpus": opts["num_cpus"], "keep_model": tracker is not None}
                     in_flight[remote.remote(task, tr, te, a, ta)] = run
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
@@ -367,6 +401,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                         result = {"status": "failed", "test_accuracy": None,
                                   "error": f"{type(exc).__name__}: {msg}"[:1000]}
                     history = result.pop("history", None) or []
+                    model = _keep_model(out, run, result.pop("model_pt", None))
                     rec = {"key": run["key"], "experiment": exp.name, "setting": run["setting"],
                            "method": run["method"], "shots": run["shots"], "seed": run["seed"],
                            "fingerprint": run["fingerprint"], **result,
@@ -374,9 +409,12 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                                             for h in history if "test_accuracy" in h],
                            "history": epoch_rows(history),
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    if model is not None:
+                        rec["model"] = str(model)
                     if tracker is not None:
-                        rec["mlflow_run_id"] = tracker.log_run(run, rec, history,
-                                                               annotator[run["setting"]])
+                        train = tables[setting_data[run["setting"]]][0]
+                        rec["mlflow_run_id"] = tracker.log_run(
+                            run, rec, history, annotator[run["setting"]], model, train, register)
                     _append(results_path, rec)
                     latest[run["key"]] = rec
                     finished += 1
@@ -404,6 +442,8 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                "runs_failed": sum(r["status"] == "failed" for r in records),
                "ran_now": len(todo), "skipped": done_before, "failed_now": n_failed}
     if tracker is not None:
+        if register:
+            tracker.mark_best(register)
         tracker.finish("FINISHED", summary, [out / "table.md", out / "table.csv", results_path,
                                              out / "experiment.yaml", out / "table.png"])
         summary["mlflow_parent_run_id"] = tracker.parent

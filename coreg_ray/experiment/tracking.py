@@ -1,5 +1,6 @@
 """MLflow tracking of an experiment (driver side): one parent run per experiment output, a
-child run per (setting, method, shots, seed) run."""
+child run per (setting, method, shots, seed) run; a run's model.pt is its child run's MLflow
+model (`runs:/<child>/model`), optionally a version of a registered model."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ class _Tracker:
         exp_obj = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.exp_id = exp_obj.experiment_id if exp_obj else \
             self.client.create_experiment(cfg.tracking.experiment)
-        key = str(out.resolve())
+        key = self.key = str(out.resolve())
         found = []
         if resume:
             found = self.client.search_runs(
@@ -54,9 +55,13 @@ class _Tracker:
                   "experiment.resources": json.dumps(exp.resources)}
             self.client.log_batch(self.parent, params=[Param(k, v[:6000]) for k, v in ps.items()])
 
-    def log_run(self, run: dict, rec: dict, history: list[dict], annotator: str) -> str | None:
+    def log_run(self, run: dict, rec: dict, history: list[dict], annotator: str,
+                model: Path | None = None, train=None, register: str | None = None) -> str | None:
+        """The child run of `run` (its id; None if logging failed); with `model` (model.pt) and
+        `train` (its training table, for the input example) also its MLflow model, registered
+        under `register` if given: `rec` gets `mlflow_model_uri` (and `registered_version`)."""
         try:
-            return self._log_run(run, rec, history, annotator)
+            return self._log_run(run, rec, history, annotator, model, train, register)
         except Exception as exc:  # tracking must not stop the experiment
             if not self.warned:
                 self.log(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
@@ -64,7 +69,7 @@ class _Tracker:
                 self.warned = True
             return None
 
-    def _log_run(self, run, rec, history, annotator):
+    def _log_run(self, run, rec, history, annotator, model=None, train=None, register=None):
         from mlflow.entities import Metric, Param
 
         name = f"{rec['method']} · {rec['setting']} · seed {rec['seed']}" + \
@@ -96,9 +101,51 @@ class _Tracker:
         if rec["status"] in ("failed", "n/a"):
             self.client.set_tag(cid, "error" if rec["status"] == "failed" else "not_applicable",
                                 str(rec.get("error"))[:5000])
+        if model is not None:
+            self._log_model(cid, rec, model, train, register)
         # n/a is a finished answer (the method cannot apply), not a failure
         self.client.set_terminated(cid, "FAILED" if rec["status"] == "failed" else "FINISHED")
         return cid
+
+    def _log_model(self, cid: str, rec: dict, model: Path, train, register: str | None):
+        from coreg_ray.distributed.tracking import MLflowClientRun
+        from coreg_ray.mlflow_model import encode_png
+
+        tags = {"coreg.experiment_output": self.key, "coreg.run_key": rec["key"],
+                "method": rec["method"], "setting": rec["setting"], "seed": rec["seed"],
+                "shots": rec["shots"], "test_accuracy": rec.get("test_accuracy")}
+        try:
+            logged = MLflowClientRun(self.client, cid, self.uri, self.exp_id).log_model(
+                model, encode_png(train.images) if train is not None else None, register, tags)
+        except Exception as exc:  # the run is still recorded (and its file kept): say which
+            detail = " ".join(str(exc).split())[:300]
+            self.log(f"warning: logging the MLflow model of {rec['key']} failed "
+                     f"({type(exc).__name__}: {detail}); its file: {model}")
+            return
+        rec["mlflow_model_uri"] = logged["model_uri"]
+        if "version" in logged:
+            rec["registered_version"] = logged["version"]
+
+    def mark_best(self, name: str) -> None:
+        """Alias `best` of registered model `name`: this experiment's version (tag
+        coreg.experiment_output) of highest test accuracy; nothing if it has none."""
+        from coreg_ray.mlflow_model import registry_client
+
+        try:
+            client = registry_client(self.uri)
+            versions = [v for v in client.search_model_versions(f"name = '{name}'")
+                        if v.tags.get("coreg.experiment_output") == self.key
+                        and _finite(_float(v.tags.get("test_accuracy")))]
+            if versions:
+                best = max(versions, key=lambda v: (_float(v.tags["test_accuracy"]),
+                                                    int(v.version)))
+                client.set_registered_model_alias(name, "best", best.version)
+                self.log(f"registered model {name}: alias best -> version {best.version} "
+                         f"({best.tags.get('method')} · {best.tags.get('setting')} · seed "
+                         f"{best.tags.get('seed')}, test accuracy "
+                         f"{100 * _float(best.tags['test_accuracy']):.1f}%)")
+        except Exception as exc:  # tracking must not stop the experiment
+            self.log(f"warning: setting alias best of {name} failed ({type(exc).__name__}: {exc})")
 
     def finish(self, status: str, summary: dict, files: list[Path]):
         from mlflow.entities import Metric
@@ -117,3 +164,10 @@ class _Tracker:
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
