@@ -59,6 +59,20 @@ def _common_table_args(p):
     _valid(p, image_size=Range(4, 1024), limit=Range(1))
 
 
+def _model_arg(p):
+    p.add_argument("--model", required=True, help="model.pt written by train")
+
+
+def _stream_args(p, batch_help: str):
+    """The options of the Ray Data stream `annotate` and `predict` share."""
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per actor call ({batch_help})")
+    p.add_argument("--actors", type=int, default=None, help="default one per GPU, else one")
+    p.add_argument("--shard-size", type=int, default=4096, help="rows per resumable shard")
+    p.add_argument("--restart", action="store_true", help="ignore finished shards")
+    p.add_argument("--engine", default="ray", choices=["ray", "local"])
+    _valid(p, batch_size=Range(1), actors=Range(1), shard_size=Range(1))
+
+
 def _print_json(data, indent=None):
     print(to_json(data, indent))
 
@@ -331,14 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="union", help="union | topk:K | threshold:P | ratio:R")
     p.add_argument("--merge", default="union", help="union | min_votes:N (several annotators)")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--actors", type=int, default=None)
-    p.add_argument("--shard-size", type=int, default=4096)
     p.add_argument("--fail-on-bad-image", action="store_true")
-    p.add_argument("--restart", action="store_true", help="ignore finished shards")
-    p.add_argument("--engine", default="ray", choices=["ray", "local"])
-    _valid(p, image_size=Range(4, 1024), batch_size=Range(1), actors=Range(1),
-           shard_size=Range(1))
+    _stream_args(p, "default 32 on CPU, 256 with GPUs")
+    _valid(p, image_size=Range(4, 1024))
     p.set_defaults(fn=cmd_annotate)
 
     p = sub.add_parser("report", help="statistics of an annotation table")
@@ -380,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained model.pt on a labelled table")
-    p.add_argument("--model", required=True)
+    _model_arg(p)
     _add_images(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
@@ -406,23 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label a Parquet image pool with a trained model.pt (Ray "
                                        "Data actors; resumable shard by shard)")
-    p.add_argument("--model", required=True, help="model.pt written by train")
+    _model_arg(p)
     p.add_argument("--images", required=True, help="Parquet image pool (file or folder)")
     p.add_argument("--output", required=True, help="predictions table (.parquet)")
     p.add_argument("--top-k", type=int, default=5, help="classes kept per image (best first)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 256 (CPU), 1024 (GPU)")
-    p.add_argument("--actors", type=int, default=None, help="default one per GPU, else one")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the pool")
-    p.add_argument("--shard-size", type=int, default=4096)
-    p.add_argument("--restart", action="store_true", help="ignore finished shards")
-    p.add_argument("--engine", default="ray", choices=["ray", "local"])
-    _valid(p, top_k=Range(1), batch_size=Range(1), actors=Range(1), limit=Range(1),
-           shard_size=Range(1))
+    _stream_args(p, "default 256 on CPU, 1024 with GPUs")
+    _valid(p, top_k=Range(1), limit=Range(1))
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("export", help="a trained model.pt as ONNX or TorchScript: uint8 NCHW RGB "
                                       "images in (normalisation inside), logits out")
-    p.add_argument("--model", required=True, help="model.pt written by train")
+    _model_arg(p)
     p.add_argument("--format", required=True, help="onnx | torchscript")
     p.add_argument("--output", required=True, help="the file to write (.onnx / .pt)")
     _valid(p, format=Choices(("onnx", "torchscript"), "format"))
