@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coreg_ray.config import Config
-from coreg_ray.data import simulate_vlm_annotator, synthetic_annotations
+from coreg_ray.data import simulate_vlm_annotator
 from coreg_ray.errors import CoregError
 from coreg_ray.methods import method_names, run_method
 
@@ -21,16 +21,9 @@ def _cfg(epochs=8, *extra):
 EXTRA: dict = {}  # LWS brings its own lr_scale (5x the shared lr, as its paper)
 
 
-@pytest.fixture(scope="module")
-def digits_pll(digits):
-    train, test = digits
-    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
-    return train, test, ann
-
-
 @pytest.mark.parametrize("name", ["cc", "proden", "rc", "lws", "cr_dpll"])
-def test_pll_baseline_learns_digits(digits_pll, name):
-    train, test, ann = digits_pll
+def test_pll_baseline_learns_digits(digits_synthetic, name):
+    train, ann, test = digits_synthetic
     out = run_method(name, _cfg(8, *EXTRA.get(name, [])), train, ann, test)
     print(f"{name}: test accuracy {out['test_accuracy']:.3f} in {out['seconds']:.1f}s")
     assert out["test_accuracy"] > 0.6, out["test_accuracy"]  # chance is 0.1
@@ -47,15 +40,15 @@ def test_kd_unsup_learns_from_the_annotator_probabilities(digits):
     assert out["test_accuracy"] > 0.6, out["test_accuracy"]
 
 
-def test_kd_unsup_needs_probs(digits_pll):
-    train, test, ann = digits_pll  # synthetic candidate sets carry no probabilities
+def test_kd_unsup_needs_probs(digits_synthetic):
+    train, ann, test = digits_synthetic  # synthetic candidate sets carry no probabilities
     with pytest.raises(CoregError, match="no `probs` column"):
         run_method("kd_unsup", _cfg(1), train, ann, test)
 
 
-def test_methods_are_registered_and_params_checked(digits_pll):
+def test_methods_are_registered_and_params_checked(digits_synthetic):
     assert {"proden", "rc", "lws", "cr_dpll", "kd_unsup"} <= set(method_names())
-    train, test, ann = digits_pll
+    train, ann, test = digits_synthetic
     with pytest.raises(CoregError, match="unknown parameter"):
         run_method("lws", _cfg(1), train, ann, test, params={"lam": 1.0})
     out = run_method("cr_dpll", _cfg(2), train, ann, test, params={"lam": 0.5})

@@ -12,7 +12,7 @@ def run(*args):
     return main(list(args))
 
 
-def test_synth_train_evaluate_with_mlflow(tmp_path, monkeypatch, capsys):
+def test_synth_train_evaluate_with_mlflow(tmp_path, monkeypatch, capsys, mlflow_store):
     monkeypatch.chdir(tmp_path)
     assert run("synth", "--images", "digits:train", "--q", "0.2", "--eta", "0.1",
                "--output", "ann.parquet") == 0
@@ -31,10 +31,11 @@ def test_synth_train_evaluate_with_mlflow(tmp_path, monkeypatch, capsys):
     assert m["epochs"] == 3 and len(m["history"]) == 3
     assert (tmp_path / "run" / "model.pt").exists()
     assert "train:\n  epochs: 3" in (tmp_path / "run" / "config.yaml").read_text()
-    # MLflow: embedded SQLite store in the working directory, one finished run with metrics
+    # MLflow: embedded SQLite store in the working directory (mlflow_store: its tables made
+    # already), one finished run with metrics
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=["coreg-ray"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])

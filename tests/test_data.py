@@ -75,13 +75,8 @@ def test_synthetic_candidates_rejects_bad_rates(q, eta):
 
 
 # ----------------------------------------------------------------------------- simulated VLM
-@pytest.fixture(scope="module")
-def digits_train():
-    return load_image_table("digits:train")
-
-
-def test_simulate_vlm_annotator_on_digits(digits_train):
-    t = digits_train
+def test_simulate_vlm_annotator_on_digits(digits):
+    t = digits[0]
     assert t.images.shape == (1438, 3, 8, 8) and t.images.dtype == torch.uint8
     ann = simulate_vlm_annotator(t.images, t.labels, t.num_classes, ids=t.ids, n_templates=6,
                                  per_class=8, seed=0)

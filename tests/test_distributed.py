@@ -1,8 +1,9 @@
 """Ray Train / Ray Tune / `ray job submit` end to end on CPU (digits, MLP).
 
-One Ray runtime for the in-process tests (session fixture, 2 CPUs); the job-submission test
-starts its own head with `ray start --head --block` in a new session and stops only that head
-(its process group) afterwards: `ray stop` would stop every Ray on the machine.
+One Ray runtime for the in-process tests (conftest's session fixture `ray_runtime`, 2 CPUs);
+the job-submission test starts its own head with `ray start --head --block` in a new session
+and stops only that head (its process group) afterwards: `ray stop` would stop every Ray on the
+machine. MLflow stores: conftest's `mlflow_store`.
 """
 import json
 import os
@@ -44,7 +45,7 @@ def _runs(uri: str):
 
 # ------------------------------------------------------------------ a real head + ray job submit
 # First in the file, so it runs before the session fixture starts a second Ray here.
-def test_ray_job_submit_to_a_local_head(tmp_path):
+def test_ray_job_submit_to_a_local_head(tmp_path, mlflow_store):
     from coreg_ray.cli import main
 
     assert main(["synth", "--images", "digits:train", "--limit", "300", "--q", "0.2",
@@ -79,7 +80,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
                 assert time.time() < deadline, "ray head did not come up in 120 s"
                 time.sleep(0.5)
         t_head = time.perf_counter() - t0
-        uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+        uri = mlflow_store
         out = tmp_path / "run"
         job = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", address,
@@ -119,38 +120,12 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
 
 
 # ------------------------------------------------------------------ in-process Ray
-@pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    import ray
-
-    if ray.is_initialized():  # another test module's runtime: share it
-        yield ray
-        return
-    import logging
-
-    temp = f"/tmp/coreg-pytest-ray-{os.getpid()}"  # short: Ray's socket paths are limited
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, _temp_dir=temp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def small_digits(digits):
-    from coreg_ray.data import synthetic_annotations
-
-    train, test = digits
-    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0)
-    return train, ann, test
-
-
-def test_two_workers_match_one_process(ray_session, small_digits, tmp_path):
+def test_two_workers_match_one_process(ray_runtime, digits_synthetic, tmp_path):
     """Same data, config and seed: 2 DDP workers (global batch split in two) vs one process."""
     from coreg_ray.coreg.trainer import CoReg
     from coreg_ray.distributed.train import train_distributed
 
-    train, ann, test = small_digits
+    train, ann, test = digits_synthetic
     over = {"train.epochs": 6, "train.warmup_epochs": 4, "coreg.feature_delay": 0,
             "coreg.sharpen_T": 0.1}
     single = CoReg(tiny_config(**over), progress=False)
@@ -172,15 +147,15 @@ def test_two_workers_match_one_process(ray_session, small_digits, tmp_path):
     assert clf.evaluate(test)["accuracy"] == pytest.approx(acc2, abs=1e-6)
 
 
-def test_worker_killed_mid_run_restarts_and_relaunch_resumes(ray_session, small_digits, tmp_path,
-                                                             monkeypatch):
+def test_worker_killed_mid_run_restarts_and_relaunch_resumes(ray_runtime, digits_synthetic,
+                                                             tmp_path, monkeypatch, mlflow_store):
     from coreg_ray.distributed.train import FailOnce, train_distributed
 
     monkeypatch.chdir(tmp_path)
-    train, ann, test = small_digits
+    train, ann, test = digits_synthetic
     sub = np.arange(500)
     train, ann = train.subset(sub), ann.subset(sub)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store
     cfg = lambda: tiny_config(**{"train.epochs": 4, "train.warmup_epochs": 2,  # noqa: E731
                                  "tracking.mlflow": True, "tracking.tracking_uri": uri})
     # rank 1 dies (os._exit) 4 s after reporting epoch 2; FailureConfig restarts the worker
@@ -202,13 +177,14 @@ def test_worker_killed_mid_run_restarts_and_relaunch_resumes(ray_session, small_
     assert runs.iloc[0]["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])
 
 
-def test_asha_sweep_logs_trials_as_mlflow_children(ray_session, tmp_path, monkeypatch):
+def test_asha_sweep_logs_trials_as_mlflow_children(ray_runtime, tmp_path, monkeypatch,
+                                                   mlflow_store):
     import yaml
 
     from coreg_ray.cli import main
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store
     sweep = {
         "data": {"images": "digits:train", "test_images": "digits:test", "holdout": 0.1,
                  "annotations": {"synthetic": {"q": 0.3, "eta": 0.1, "seed": 0}}},

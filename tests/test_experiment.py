@@ -2,8 +2,6 @@
 errors), and one real run of the digits smoke experiment on Ray with MLflow (plus a relaunch)."""
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -177,32 +175,16 @@ def test_a_config_key_added_later_does_not_rerun_recorded_runs():
 
 
 # ------------------------------------------------------------------ a real run on Ray + MLflow
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("mlflow")
-    if ray.is_initialized():  # another test module's runtime: share it
-        yield ray
-        return
-    import logging
-
-    temp = f"/tmp/coreg-pytest-exp-{os.getpid()}"  # short: Ray's socket paths are limited
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, _temp_dir=temp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
-def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_local, tmp_path, monkeypatch):
+def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_runtime, mlflow_store,
+                                                                 tmp_path, monkeypatch):
     import mlflow
 
     from coreg_ray.experiment import run_experiment
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     exp = _smoke()
     exp["data"]["limit"] = 300

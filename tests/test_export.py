@@ -39,14 +39,13 @@ np.savez(out, b1=run(x[:1]), b7=run(x[:7]))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, digits):
     """A tiny CNN student trained on 600 digits images (a few seconds), its model.pt and the
     digits test images."""
     from coreg_ray.coreg.trainer import CoReg
-    from coreg_ray.data import load_image_table, synthetic_annotations
+    from coreg_ray.data import synthetic_annotations
 
-    train = load_image_table("digits:train").subset(np.arange(600))
-    test = load_image_table("digits:test")
+    train, test = digits[0].subset(np.arange(600)), digits[1]
     ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
     trainer = CoReg(tiny_config(**{"model.backbone": "tiny_cnn", "train.epochs": 2,
                                    "train.warmup_epochs": 1}), progress=False)

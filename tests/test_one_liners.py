@@ -173,7 +173,7 @@ def test_a_failed_annotate_leaves_no_plan_that_blocks_the_rerun(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_sigterm_marks_the_mlflow_run_killed(tmp_path):
+def test_sigterm_marks_the_mlflow_run_killed(tmp_path, mlflow_store):
     """SIGTERM stops `train` like Ctrl-C: exit 143, the checkpoint kept, the MLflow run KILLED
     (it used to stay RUNNING forever)."""
     assert main(["synth", "--images", "digits:train", "--q", "0.1", "--eta", "0", "--output",
@@ -198,7 +198,7 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path):
     assert "Traceback" not in err and "terminated: the last finished epoch is checkpointed" in err
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    mlflow.set_tracking_uri(mlflow_store)  # the default store of a run in tmp_path
     try:
         runs = mlflow.search_runs(experiment_names=["coreg-ray"])
     finally:

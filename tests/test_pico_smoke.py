@@ -6,14 +6,12 @@ import math
 import pytest
 
 from coreg_ray.config import Config
-from coreg_ray.data import synthetic_annotations
 from coreg_ray.methods import run_method
 
 
 @pytest.fixture(scope="module")
-def problem(digits):
-    train, test = digits
-    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1)
+def problem(digits_synthetic):
+    train, ann, test = digits_synthetic
     cfg = Config.load(overrides=["model.backbone=mlp", "train.epochs=8", "train.batch_size=64",
                                  "data.hflip=false", "tracking.mlflow=false"])
     return cfg, train, ann, test

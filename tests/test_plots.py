@@ -128,7 +128,7 @@ def test_training_curves_full_sparse_and_empty(tmp_path):
     assert_png(plots.training_curves([], tmp_path / "empty.png"))
 
 
-def test_train_writes_curves_and_logs_them_to_mlflow(tmp_path):
+def test_train_writes_curves_and_logs_them_to_mlflow(tmp_path, mlflow_store):
     """`train` (train_run) writes curves.png beside metrics.json; with tracking on, the PNG is
     an artifact of the run."""
     mlflow = pytest.importorskip("mlflow")
@@ -139,7 +139,7 @@ def test_train_writes_curves_and_logs_them_to_mlflow(tmp_path):
     ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
     ann.meta["classes"] = train.classes
     write_annotations(ann, tmp_path / "ann.parquet")
-    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    store = mlflow_store
     over = ["model.backbone=mlp", "data.hflip=False", "train.epochs=2", "train.warmup_epochs=1",
             "train.batch_size=64", "train.warmup_batch_size=128", "coreg.queue_size=256",
             f"tracking.tracking_uri={store}"]

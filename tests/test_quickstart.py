@@ -5,7 +5,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quickstart_short(tmp_path, monkeypatch):
+def test_quickstart_short(tmp_path, monkeypatch, mlflow_store):
     from coreg_ray.quickstart import run_quickstart
 
     monkeypatch.chdir(tmp_path)
@@ -22,7 +22,7 @@ def test_quickstart_short(tmp_path, monkeypatch):
     assert any("stand-in" in line for line in lines)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client = MlflowClient(tracking_uri=mlflow_store)  # the default store: mlruns.db here
     exp = client.get_experiment_by_name("coreg-ray")
     names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
     assert names == ["quickstart-coreg", "quickstart-warmup"]
