@@ -111,22 +111,14 @@ def _simulated_vlm(spec: str, body: str):
 
 
 def _paper_like(spec: str, body: str):
-    from coreg_ray.annotate.simulated import PaperLikeAnnotator, paper_targets
+    from coreg_ray.annotate.simulated import PaperLikeAnnotator
 
     o = _options(spec, body, _PAPER_KEYS)
-    name = o.get("like", "")
-    if name:
-        preset, _, dataset = name.partition("/")
-        k, (pa, avg, zs) = paper_targets(preset, dataset)
-    else:
-        missing = [m for m in ("partial_acc", "avg_candidates", "zero_shot") if m not in o]
-        if missing:
-            raise CoregError(f"annotator {spec!r}: give like=PRESET/DATASET or all of "
-                             f"partial_acc, avg_candidates, zero_shot (missing: {', '.join(missing)})")
-        k, pa, avg, zs = 27, None, None, None
-    return PaperLikeAnnotator(o.get("partial_acc", pa), o.get("avg_candidates", avg),
-                              o.get("zero_shot", zs), o.get("templates", k),
-                              o.get("features", "pixels"), o.get("seed", 0), name)
+    like = o.pop("like", "")
+    try:
+        return PaperLikeAnnotator.from_options(o, tuple(like.partition("/")[::2]) if like else None)
+    except CoregError as exc:
+        raise CoregError(f"annotator {spec!r}: {exc}") from None
 
 
 def _build_simulated(spec: str, **kwargs):

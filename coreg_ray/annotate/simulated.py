@@ -138,6 +138,28 @@ class PaperLikeAnnotator(FittedAnnotator):
         k, targets = paper_targets(preset, dataset)
         return cls(*targets, templates=k, features=features, seed=seed, name=f"{preset}/{dataset}")
 
+    @classmethod
+    def from_options(cls, options: dict, preset: tuple[str, str] | None = None,
+                     preset_words: str = "like=PRESET/DATASET"):
+        """The annotator an experiment setting or a `simulated:paper` spec asks for: a `preset`
+        (annotator, dataset), whose targets and template count are the defaults, or the three
+        targets `partial_acc`, `avg_candidates`, `zero_shot` in `options`; `options` may also
+        set `templates` (default 27 without a preset), `features` and `seed`. `preset_words`
+        names the preset in the error for missing targets (as the caller's user writes it)."""
+        o = options
+        if preset is not None:
+            k, (pa, avg, zs) = paper_targets(*preset)
+            name = "/".join(preset)
+        else:
+            missing = [m for m in ("partial_acc", "avg_candidates", "zero_shot") if m not in o]
+            if missing:
+                raise CoregError(f"give a preset ({preset_words}) or all three targets partial_acc, "
+                                 f"avg_candidates, zero_shot (missing: {', '.join(missing)})")
+            k, pa, avg, zs, name = 27, None, None, None, ""
+        return cls(float(o.get("partial_acc", pa)), float(o.get("avg_candidates", avg)),
+                   float(o.get("zero_shot", zs)), int(o.get("templates", k)),
+                   o.get("features", "pixels"), int(o.get("seed", 0)), name)
+
     @property
     def spec(self) -> str:
         p, a, z = self.targets

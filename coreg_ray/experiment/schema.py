@@ -399,27 +399,16 @@ def _int_list(v, key, where, minimum=0) -> list[int]:
 
 def paper_annotator(spec: dict, where: str = "paper_annotator"):
     """A `PaperLikeAnnotator` from a setting's spec: a preset (`like` + `dataset`) or explicit
-    targets (`partial_acc`, `avg_candidates`, `zero_shot`, `templates`)."""
-    from coreg_ray.annotate.simulated import PaperLikeAnnotator, paper_targets
+    targets (`partial_acc`, `avg_candidates`, `zero_shot`, `templates`); errors start with
+    `where`."""
+    from coreg_ray.annotate.simulated import PaperLikeAnnotator
 
     spec = dict(spec or {})
+    like, dataset = spec.pop("like", None), spec.pop("dataset", None)
     try:
-        if spec.get("like") is not None or spec.get("dataset") is not None:
-            if spec.get("like") is None or spec.get("dataset") is None:
-                raise CoregError("a preset needs both like (annotator) and dataset")
-            k, (pa, avg, zs) = paper_targets(str(spec["like"]), str(spec["dataset"]))
-            name = f"{spec['like']}/{spec['dataset']}"
-        else:
-            missing = [k for k in ("partial_acc", "avg_candidates", "zero_shot") if k not in spec]
-            if missing:
-                raise CoregError("give a preset (like and dataset) or all three targets "
-                                 f"partial_acc, avg_candidates, zero_shot (missing: {', '.join(missing)})")
-            k, pa, avg, zs, name = 27, spec["partial_acc"], spec["avg_candidates"], spec["zero_shot"], ""
-        return PaperLikeAnnotator(float(spec.get("partial_acc", pa)),
-                                  float(spec.get("avg_candidates", avg)),
-                                  float(spec.get("zero_shot", zs)), int(spec.get("templates", k)),
-                                  spec.get("features", "pixels"), int(spec.get("seed", 0)), name)
-    except (TypeError, ValueError) as exc:
-        raise CoregError(f"{where}: {exc}") from None
-    except CoregError as exc:
+        if (like is None) != (dataset is None):
+            raise CoregError("a preset needs both like (annotator) and dataset")
+        preset = None if like is None else (str(like), str(dataset))
+        return PaperLikeAnnotator.from_options(spec, preset, "like and dataset")
+    except (TypeError, ValueError, CoregError) as exc:
         raise CoregError(f"{where}: {exc}") from None
