@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coreg_ray.errors import CoregError
+from coreg_ray.fewshot.common import EpochLosses, few_shot_inputs, load_table
 
 PAPER_SHOTS = (1, 2, 4, 8, 16)
 
@@ -226,12 +227,6 @@ class _ImageFeeder:
         return (x - self.mean) / self.std
 
 
-def _table(t):
-    from coreg_ray.data.tables import ImageTable, load_image_table
-
-    return t if isinstance(t, ImageTable) else load_image_table(t)
-
-
 def _autocast(device, dtype):
     import contextlib
 
@@ -284,23 +279,12 @@ def train_coop(model_spec: str, train_table, test_table=None, shots: int = 16, s
     context as a CPU tensor)}; `save_path` also writes the context (torch.save).
     """
     from coreg_ray.annotate.clip import load_clip_model
-    from coreg_ray.annotate.templates import resolve_classes
     from coreg_ray.data import few_shot_indices
 
     t0 = time.time()
     spec = model_spec if str(model_spec).startswith("clip:") else f"clip:{model_spec}"
-    shots, seed = int(shots), int(seed)
-    if shots < 1:
-        raise CoregError(f"CoOp: shots must be at least 1, got {shots}")
-    train = _table(train_table)
-    test = _table(test_table) if test_table is not None else None
-    if train.labels is None:
-        raise CoregError(f"CoOp: the train table {train.source or ''} has no labels")
-    classnames = resolve_classes(classes, train.classes)
-    if len(classnames) != train.num_classes:
-        raise CoregError(f"CoOp: {len(classnames)} class names for {train.num_classes} classes")
-    if test is not None and test.labels is None:
-        raise CoregError(f"CoOp: the test table {test.source or ''} has no labels")
+    shots, seed, train, test, classnames = few_shot_inputs("CoOp", shots, seed, train_table,
+                                                           test_table, classes)
     if test is not None and test.num_classes != train.num_classes:
         raise CoregError(f"CoOp: test table has {test.num_classes} classes, train table "
                          f"{train.num_classes}")
@@ -334,15 +318,14 @@ def train_coop(model_spec: str, train_table, test_table=None, shots: int = 16, s
     feats_cache = None if augment else encode_image_table(model, feeder, x_train, eval_batch_size, amp)
     n = len(idx)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
-    losses, step = [], 0
+    log = EpochLosses("coop", epochs, log_every)
     t_train = time.time()
     for ep in range(epochs):
         perm = torch.randperm(n, generator=gen)
-        tot, cnt = 0.0, 0
         for s in range(0, n, batch_size):
             b = perm[s:s + batch_size]
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps_per_epoch, epochs, lr, warmup_epochs, warmup_lr)
+                g["lr"] = _lr_at(log.steps, steps_per_epoch, epochs, lr, warmup_epochs, warmup_lr)
             if feats_cache is not None:
                 img = feats_cache[b.to(dev)]
             else:
@@ -354,16 +337,9 @@ def train_coop(model_spec: str, train_table, test_table=None, shots: int = 16, s
             logits = scale * img @ txt.t()
             if bias is not None:
                 logits = logits + bias.float()
-            loss = F.cross_entropy(logits, y_train[b.to(dev)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(b)
-            cnt += len(b)
-            step += 1
-        losses.append(tot / max(1, cnt))
-        if log_every and (ep + 1) % log_every == 0:
-            print(f"coop epoch {ep + 1}/{epochs} loss {losses[-1]:.4f}", flush=True)
+            log.step(opt, F.cross_entropy(logits, y_train[b.to(dev)]), len(b))
+        log.end_epoch(ep)
+    losses = log.losses
     train_seconds = time.time() - t_train
 
     with torch.no_grad(), _autocast(dev, amp):
@@ -406,7 +382,7 @@ def run_coop_sweep(model_spec: str, train_table, test_table, shots=PAPER_SHOTS, 
 
     spec = model_spec if str(model_spec).startswith("clip:") else f"clip:{model_spec}"
     dev = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    train, test = _table(train_table), _table(test_table)
+    train, test = load_table(train_table), load_table(test_table)
     model, tok, prep = load_clip_model(spec, dev, kwargs.pop("image_size", None),
                                        kwargs.pop("allow_download", None))
     rows = []

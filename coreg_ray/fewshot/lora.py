@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from coreg_ray.errors import CoregError
+from coreg_ray.fewshot.common import EpochLosses, few_shot_inputs, load_table
 
 PAPER_SHOTS = (1, 2, 4, 8, 16)
 LORA_TARGET = r".*language_model.*\.(q_proj|v_proj)"  # peft: re.fullmatch on module names
@@ -268,12 +269,6 @@ def score_classes_naive(model, processor, images, prompt: str, answers, device) 
     return out
 
 
-def _table(t):
-    from coreg_ray.data.tables import ImageTable, load_image_table
-
-    return t if isinstance(t, ImageTable) else load_image_table(t)
-
-
 @torch.no_grad()
 def _mean_answer_loss(model, processor, table, idx, prompt, answers, pad_id, device, bs) -> float:
     tot, n = 0.0, 0
@@ -306,23 +301,12 @@ def train_lora_llava(model_path, train_table, test_table=None, classes=None, sho
     "adapter_dir", "predictions" (test argmax), "model_obj" (the trained PeftModel, eval
     mode), ...}; `run_lora_sweep` drops the last two.
     """
-    from coreg_ray.annotate.templates import resolve_classes
     from coreg_ray.data import few_shot_indices
 
     require_lora()
     t0 = time.time()
-    shots, seed = int(shots), int(seed)
-    if shots < 1:
-        raise CoregError(f"LoRA: shots must be at least 1, got {shots}")
-    train = _table(train_table)
-    test = _table(test_table) if test_table is not None else None
-    if train.labels is None:
-        raise CoregError(f"LoRA: the train table {train.source or ''} has no labels")
-    if test is not None and test.labels is None:
-        raise CoregError(f"LoRA: the test table {test.source or ''} has no labels")
-    classes = resolve_classes(classes, train.classes)
-    if len(classes) != train.num_classes:
-        raise CoregError(f"LoRA: {len(classes)} class names for {train.num_classes} classes")
+    shots, seed, train, test, classes = few_shot_inputs("LoRA", shots, seed, train_table,
+                                                        test_table, classes)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         model, processor = load_llava(model_path, device, dtype)
@@ -345,33 +329,24 @@ def train_lora_llava(model_path, train_table, test_table=None, classes=None, sho
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
     rng = np.random.default_rng(seed)
-    losses, step = [], 0
+    log = EpochLosses("lora", epochs, log_every)
     t_train = time.time()
     pm.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA dropout
         for ep in range(epochs):
-            if step >= total:
+            if log.steps >= total:
                 break
             order = rng.permutation(idx)
-            tot, cnt = 0.0, 0
             for s in range(0, len(order), batch_size):
-                if step >= total:
+                if log.steps >= total:
                     break
                 sel = order[s:s + batch_size]
                 b = build_batch(processor, [_pil(train, i) for i in sel], prompt,
                                 [answers[int(train.labels[i])] for i in sel], pad_id)
-                loss = answer_loss(pm, b, device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += float(loss.detach()) * len(sel)
-                cnt += len(sel)
-                step += 1
-            losses.append(tot / max(1, cnt))
-            if log_every and (ep + 1) % log_every == 0:
-                print(f"lora epoch {ep + 1}/{epochs} loss {losses[-1]:.4f}", flush=True)
+                log.step(opt, answer_loss(pm, b, device), len(sel), sched)
+            log.end_epoch(ep)
+    losses, step = log.losses, log.steps
     train_seconds = time.time() - t_train
     pm.eval()
     after = _mean_answer_loss(pm, processor, train, idx, prompt, answers, pad_id, device,
@@ -407,7 +382,7 @@ def run_lora_sweep(model_path, train_table, test_table, shots=PAPER_SHOTS, seeds
     """The paper's few-shot grid for LLaVA: LoRA for every k in `shots` and every seed -> one
     row per run (no model objects). Each run starts from a freshly loaded base model;
     adapters go to ``save_root/k{shots}-s{seed}`` when `save_root` is set."""
-    train, test = _table(train_table), _table(test_table)
+    train, test = load_table(train_table), load_table(test_table)
     rows = []
     for k in shots:
         for s in seeds:
