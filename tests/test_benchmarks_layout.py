@@ -78,8 +78,8 @@ def test_every_path_in_the_benchmarks_index_exists():
 
 
 def test_scripts_live_in_scripts_and_rows_in_results():
-    """The top of benchmarks/ holds the write-ups; the one script still there is listed."""
+    """The top of benchmarks/ holds the write-ups only."""
     top_level_scripts = {p.name for p in BENCH.iterdir() if p.suffix in {".py", ".sh", ".yaml"}}
-    assert top_level_scripts <= {"annotate_throughput.py"}, top_level_scripts
+    assert not top_level_scripts, top_level_scripts
     top_level_rows = {p.name for p in BENCH.iterdir() if p.suffix in {".json", ".jsonl"}}
-    assert top_level_rows <= {"annotate_results.jsonl"}, top_level_rows
+    assert not top_level_rows, top_level_rows
