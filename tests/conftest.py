@@ -1,6 +1,6 @@
 """Fixtures shared by the test modules: the digits tables (with synthetic candidate sets), one
 in-process Ray runtime per session, and per-test MLflow stores copied from one created per
-session; `tiny_config` for small Co-Reg runs."""
+session; `tiny_config` for small Co-Reg runs and `tiny_student`, a trained model.pt."""
 import contextlib
 import logging
 import os
@@ -29,6 +29,26 @@ def digits_synthetic(digits):
 
     train, test = digits
     return train, synthetic_annotations(train.ids, train.labels, 10, q=0.3, eta=0.1, seed=0), test
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, digits):
+    """model.pt of a tiny CNN student trained for 2 epochs (1 warm-up) on the first 600 digits
+    images with synthetic candidate sets (q=0.2, eta=0.1): a few seconds, made once. Copy it
+    rather than writing beside it."""
+    import numpy as np
+
+    from coreg_ray.coreg.trainer import CoReg
+    from coreg_ray.data import synthetic_annotations
+
+    train = digits[0].subset(np.arange(600))
+    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
+    trainer = CoReg(tiny_config(**{"model.backbone": "tiny_cnn", "train.epochs": 2,
+                                   "train.warmup_epochs": 1}), progress=False)
+    trainer.fit(train, ann)
+    path = tmp_path_factory.mktemp("tiny-student") / "model.pt"
+    trainer.save_model(path)
+    return path
 
 
 def tiny_config(**over):

@@ -1,6 +1,7 @@
 """`coreg-ray export`: a trained student as ONNX / TorchScript, loaded in a fresh process and
 compared with the PyTorch `Classifier` on real images (digits), batch sizes 1 and 7."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from coreg_ray.cli import main
-from tests.conftest import tiny_config
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -39,20 +39,11 @@ np.savez(out, b1=run(x[:1]), b7=run(x[:7]))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits):
-    """A tiny CNN student trained on 600 digits images (a few seconds), its model.pt and the
-    digits test images."""
-    from coreg_ray.coreg.trainer import CoReg
-    from coreg_ray.data import synthetic_annotations
-
-    train, test = digits[0].subset(np.arange(600)), digits[1]
-    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
-    trainer = CoReg(tiny_config(**{"model.backbone": "tiny_cnn", "train.epochs": 2,
-                                   "train.warmup_epochs": 1}), progress=False)
-    trainer.fit(train, ann)
+def trained(tmp_path_factory, digits, tiny_student):
+    """A folder with the tiny trained student's model.pt (conftest), and the digits test images."""
     d = tmp_path_factory.mktemp("export")
-    trainer.save_model(d / "model.pt")
-    return d, test
+    shutil.copy(tiny_student, d / "model.pt")
+    return d, digits[1]
 
 
 @pytest.mark.parametrize("fmt,name", [("onnx", "student.onnx"), ("torchscript", "student.pt")])
@@ -65,7 +56,7 @@ def test_export_matches_pytorch_in_a_fresh_process(trained, fmt, name, capsys):
     assert main(["export", "--model", str(d / "model.pt"), "--format", fmt,
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"input  images: uint8 [batch, 3, 8, 8]" in printed, printed
+    assert "input  images: uint8 [batch, 3, 8, 8]" in printed, printed
     assert "output logits: float" in printed and "[batch, 10]" in printed, printed
     assert "KB" in printed or "MB" in printed
     assert out.is_file() and not (out.parent / (name + ".tmp")).exists()

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,18 @@ import pytest
 
 from coreg_ray.cli import main
 from coreg_ray.errors import CoregError
-from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    """A tiny CNN trained for 2 epochs on 600 digits images, and a 300-image labelled pool."""
-    from coreg_ray.coreg.trainer import CoReg
-    from coreg_ray.data import load_image_table, synthetic_annotations, write_image_table
+def student(tmp_path_factory, digits, tiny_student):
+    """The tiny trained student (conftest) and a 300-image labelled pool."""
+    from coreg_ray.data import write_image_table
 
-    train = load_image_table("digits:train").subset(np.arange(600))
-    ann = synthetic_annotations(train.ids, train.labels, 10, q=0.2, eta=0.1, seed=0)
-    trainer = CoReg(tiny_config(**{"model.backbone": "tiny_cnn", "train.epochs": 2,
-                                   "train.warmup_epochs": 1}), progress=False)
-    trainer.fit(train, ann)
     d = tmp_path_factory.mktemp("predict")
-    trainer.save_model(d / "model.pt")
-    pool = load_image_table("digits:test").subset(np.arange(300))
+    shutil.copy(tiny_student, d / "model.pt")
+    pool = digits[1].subset(np.arange(300))
     write_image_table(pool, d / "pool" / "train.parquet")
     return d, pool
 
@@ -147,19 +139,6 @@ def test_bad_inputs_are_one_line(student, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- Ray Data
-@pytest.fixture(scope="module")
-def ray_runtime():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    tmp = tempfile.mkdtemp(prefix="rayp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_predict_equals_local_and_the_job_entrypoint_runs(student, ray_runtime, tmp_path):
