@@ -1,7 +1,7 @@
 """Ray job entrypoint for batch prediction: the `coreg-ray predict` command, unchanged arguments.
 
     ray job submit --working-dir . -- python jobs/predict.py \
-        --model /mnt/shared/runs/cifar10/model.pt --images s3://bucket/pool/ \
+        --model /mnt/shared/runs/cifar10/model.pt --images /mnt/shared/pool/ \
         --output /mnt/shared/pool-predictions.parquet --actors 8
 
 Inside a job `ray.init()` joins the cluster: one GPU actor per GPU (or `--actors` CPU actors).
