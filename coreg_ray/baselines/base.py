@@ -130,9 +130,12 @@ class BaselineTrainer:
             correct += (logits.argmax(1) == y).sum()
         return correct.item() / len(labels)
 
-    def fit(self, train, annotations, test=None, output_dir=None, resume: bool = False) -> dict:
+    def fit(self, train, annotations, test=None, output_dir=None, resume: bool = False,
+            initial_state: dict | None = None) -> dict:
+        """`CoReg.fit`'s signature; baselines keep no checkpoints: `resume` or an
+        `initial_state` is one line."""
         cfg = self.cfg
-        if resume:
+        if resume or initial_state is not None:
             raise CoregError(f"{self.method_cls.name}: baselines do not resume; rerun instead")
         self.data = data = prepare_training_data(cfg, train, annotations, test)
         torch.manual_seed(cfg.train.seed)

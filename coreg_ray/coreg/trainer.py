@@ -118,20 +118,27 @@ class CoReg:
 
     # ------------------------------------------------------------------------ the loop
     def fit(self, train: ImageTable, annotations, test: ImageTable | None = None,
-            output_dir: str | os.PathLike | None = None, resume: bool | dict = False) -> dict:
-        """resume: True continues from OUTPUT/checkpoint.pt if there is one; a dict is a
-        checkpoint already read with `read_checkpoint`. Either is checked against this run's
-        model and data first (one line if it was made for others)."""
+            output_dir: str | os.PathLike | None = None, resume: bool | dict = False,
+            initial_state: dict | None = None) -> dict:
+        """output_dir: checkpoints go to OUTPUT/checkpoint.pt (None: no checkpoints).
+        initial_state: a checkpoint state (`checkpoint_state`, `read_checkpoint`) to continue
+        from: restored once the model and data are built, then the epochs after it run (none
+        when it is the last); Ray Train workers restore a reported checkpoint this way.
+        resume: True continues from OUTPUT/checkpoint.pt if there is one (when no
+        initial_state is given); a dict is taken as initial_state. A restored state is checked
+        against this run's model and data first (one line if it was made for others)."""
         cfg = self.cfg
         if cfg.train.warmup_epochs > cfg.train.epochs:
             raise CoregError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) > train.epochs "
                              f"({cfg.train.epochs})")
+        if initial_state is None and isinstance(resume, dict):
+            initial_state = resume
         self._prepare(train, annotations, test)
         self.output_dir = Path(output_dir) if output_dir else None
         if self.output_dir and self.comm.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if isinstance(resume, dict):  # a checkpoint the caller already read (read_checkpoint)
-            self.load_state(resume, str(self.output_dir / CHECKPOINT) if self.output_dir
+        if initial_state is not None:  # a state the caller already read
+            self.load_state(initial_state, str(self.output_dir / CHECKPOINT) if self.output_dir
                             else "checkpoint")
         elif resume and self.output_dir and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)

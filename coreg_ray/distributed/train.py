@@ -2,7 +2,8 @@
 
 `train_distributed(...)` is `coreg-ray train --workers N [--gpus-per-worker G]`:
 
-- Every worker runs `CoReg` with a `TorchDistComm` (gloo on CPU, NCCL on GPU). The trainer does
+- Every worker runs Co-Reg (`coreg_ray.methods.run_method`, as every run does) with a
+  `TorchDistComm` (gloo on CPU, NCCL on GPU) and its report as the epoch callback. The trainer does
   the distributed parts itself: each rank trains on its share of a per-epoch permutation shared by
   all ranks (`train.batch_size` is the global batch), the divide pass gathers every image's
   prediction so all ranks fit the same GMM over the whole set, MoCo keys and prototype features
@@ -10,9 +11,10 @@
 - After every `train.checkpoint_every` epochs (and the last) rank 0 reports a Ray Train checkpoint
   (`checkpoint.pt` = `CoReg.checkpoint_state`, plus `model.pt` at the end) to
   `RunConfig(storage_path, name)`; the other ranks report metrics only. On start, a worker group
-  restores from `ray.train.get_checkpoint()`: after a worker failure (`FailureConfig(max_failures)`)
-  and when a run with the same `storage_path/name` is launched again (Train V2 reloads the run's
-  checkpoint list from storage), so a finished or interrupted run resumes instead of restarting.
+  restores from `ray.train.get_checkpoint()` (`CoReg.fit(initial_state=...)`): after a worker
+  failure (`FailureConfig(max_failures)`) and when a run with the same `storage_path/name` is
+  launched again (Train V2 reloads the run's checkpoint list from storage), so a finished or
+  interrupted run resumes instead of restarting.
 - The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `coreg_ray.runs.execute`,
   from the last checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
 - MLflow: one run per (storage_path, name), created by the driver and found again on relaunch;
@@ -90,7 +92,8 @@ def _worker_loop(loop: dict):
 
     from coreg_ray.config import Config
     from coreg_ray.coreg.comm import TorchDistComm
-    from coreg_ray.coreg.trainer import CHECKPOINT, CoReg
+    from coreg_ray.coreg.trainer import CHECKPOINT
+    from coreg_ray.methods import run_method
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -153,16 +156,11 @@ def _worker_loop(loop: dict):
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    class _Restoring(CoReg):
-        def _prepare(self, *args):
-            super()._prepare(*args)
-            if state is not None:
-                self.load_state(state)
-
-    trainer = _Restoring(cfg, comm=TorchDistComm(), callbacks=[report, *loop["callbacks"]],
-                         progress=False)
-    # A relaunched finished run restores its last epoch and trains nothing.
-    trainer.fit(train, ann, test, output_dir=None)
+    # The run every worker makes: Co-Reg over DDP, from the restored state if there is one (a
+    # relaunched finished run restores its last epoch and trains nothing); Ray Train's per-epoch
+    # report and checkpoint is the callback.
+    run_method("coreg", cfg, train, ann, test, callbacks=[report, *loop["callbacks"]],
+               comm=TorchDistComm(), initial_state=state)
 
 
 # ---------------------------------------------------------------------------- driver side

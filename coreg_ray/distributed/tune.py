@@ -1,8 +1,9 @@
 """Ray Tune sweeps over Co-Reg (`coreg-ray tune --config configs/sweep-*.yaml`).
 
-Each trial runs the single-process `CoReg` trainer inside a Tune function (one trial = the
-`resources` of the sweep file, e.g. 1 CPU or 1 GPU; as many trials run at once as the cluster
-holds) and reports every epoch with `ray.tune.report`; ASHA stops the weak ones early.
+Each trial runs Co-Reg in one process (`coreg_ray.methods.run_method`, as every run does) inside
+a Tune function (one trial = the `resources` of the sweep file, e.g. 1 CPU or 1 GPU; as many
+trials run at once as the cluster holds) and reports every epoch with `ray.tune.report` from
+its epoch callback; ASHA stops the weak ones early.
 
 The metric is configurable:
 - `test_accuracy` (the sweep's labelled test table) or `val_accuracy` (true labels of the
@@ -256,7 +257,7 @@ def _trial(params, *, base, data, checkpoint_every):
     from ray import tune
 
     from coreg_ray.config import Config
-    from coreg_ray.coreg.trainer import CoReg
+    from coreg_ray.methods import run_method
 
     import warnings
 
@@ -291,7 +292,9 @@ def _trial(params, *, base, data, checkpoint_every):
         else:
             tune.report(metrics)
 
-    CoReg(cfg, callbacks=[report], progress=False).fit(fit_train, fit_ann, test)
+    # the run a trial makes: Co-Reg on the training images minus the held-out ones; Tune's
+    # per-epoch report (held-out metrics, model.pt checkpoints) is the callback
+    run_method("coreg", cfg, fit_train, fit_ann, test, callbacks=[report])
 
 
 # ---------------------------------------------------------------------------- MLflow (driver)
