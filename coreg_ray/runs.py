@@ -5,16 +5,19 @@
 
 `execute` checks everything first: the output folder, the config, a checkpoint to resume
 (complete, made with this model on these data), the tables against each other; only then writes,
-atomically: OUTPUT/config.yaml, checkpoints (Co-Reg), model.pt, metrics.json, curves.png. The
-default method, `coreg`, is the Co-Reg trainer with per-epoch checkpoints and `--resume`; any
-other name of `coreg_ray.methods` (a Co-Reg variant, a baseline, zero_shot, ...) runs through
-`run_method`. Tracking goes through one `Tracker` (`coreg_ray.distributed.tracking`: MLflow or
-`NoTracker`): a tracked run that trained a student also logs it as the run's MLflow model
-(`runs:/<id>/model`, `coreg_ray.mlflow_model`), and `register` adds it to the Model Registry.
-Ray is started in one place, `start_ray`.
+atomically: OUTPUT/config.yaml, checkpoints (Co-Reg), model.pt, metrics.json, curves.png. Every
+method (any name of `coreg_ray.methods`) runs through `coreg_ray.methods.run_method`, what a run
+is once its inputs are loaded; the default, `coreg`, is the Co-Reg trainer with per-epoch
+checkpoints and `--resume`. Tracking goes through one `Tracker` (`coreg_ray.distributed.tracking`:
+MLflow or `NoTracker`): a tracked run that trained a student also logs it as the run's MLflow
+model (`runs:/<id>/model`, `coreg_ray.mlflow_model`), and `register` adds it to the Model
+Registry. `finish_run` is the end of every run that writes OUTPUT. Ray is started in one place,
+`start_ray`.
 
-Callers: `coreg-ray train` (`cli.train_run`), the quickstart; Ray Train, Tune, the experiment
-driver and the annotation pipeline start Ray with `start_ray`.
+Callers: `coreg-ray train` (`cli.train_run`), the quickstart. Ray Train's driver shares
+`resolve_config`, `run_metrics` and `finish_run`; its workers, Tune's trials and the experiment's
+tasks call `run_method` with their own epoch callbacks; all of them, and the annotation
+pipeline, start Ray with `start_ray`.
 """
 from __future__ import annotations
 
@@ -135,44 +138,61 @@ def check_register(name: str | None, tracked: bool) -> None:
 def execute(spec: RunSpec) -> dict:
     """Run `spec` (module doc); returns the metrics written to OUTPUT/metrics.json (plus
     `mlflow_run_id` when tracked)."""
-    if spec.method != DEFAULT_METHOD:
-        return _execute_method(spec)
+    from coreg_ray.coreg.checkpoint import CHECKPOINT, check_checkpoint, read_checkpoint
     from coreg_ray.coreg.models import build_model
-    from coreg_ray.coreg.trainer import (CHECKPOINT, CoReg, check_checkpoint,
-                                         check_training_inputs, read_checkpoint)
-    from coreg_ray.data import annotation_stats, load_run_inputs
+    from coreg_ray.coreg.trainer import check_training_inputs
+    from coreg_ray.data import AnnotationTable, annotation_stats, load_run_inputs, read_annotations
+    from coreg_ray.methods import FEWSHOT, method_info, run_method
 
+    coreg = spec.method == DEFAULT_METHOD  # the one method with checkpoints and --resume
+    trained = method_info(spec.method).kind == "coreg"  # unknown: one line, nothing read yet
+    if not coreg and spec.resume:
+        raise CoregError(f"--resume continues Co-Reg training only, not method {spec.method}")
+    if spec.register and not trained:
+        raise CoregError(f"--register: method {spec.method} writes no model.pt (only Co-Reg and "
+                         "its variants do): nothing to register")
     out = check_output_dir(spec.output, "output folder")
     cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT
     state = read_checkpoint(ckpt_path) if spec.resume and ckpt_path.exists() else None
     cfg = resolve_config(spec, state, cfg_path)
     train, test, ann = load_run_inputs(spec.images, spec.annotations, spec.test_images,
                                        spec.image_size or cfg.data.image_size, spec.limit)
-    checked = check_training_inputs(cfg, train, ann, test)
+    test_ann = None if coreg else spec.test_annotations  # zero_shot measures the test table
+    if test_ann is not None and not isinstance(test_ann, AnnotationTable):
+        test_ann = read_annotations(test_ann, train.num_classes)
+    if spec.method != "zero_shot" and spec.method not in FEWSHOT:  # it trains a student
+        checked = check_training_inputs(cfg, train, ann, test)
     if state is not None:
         check_checkpoint(state, str(ckpt_path), checked.fingerprint, cfg)
-    build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
+    if coreg:
+        build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
     stats = annotation_stats(ann, train.labels)
     # ---- everything checked: from here on the run writes
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg_path)
     tracker = tracker_for(cfg, out).start()
-    trainer = CoReg(cfg, callbacks=[tracker.epoch_callback], progress=spec.progress)
     t0 = time.perf_counter()
     try:
-        final = trainer.fit(train, ann, test, out,
-                            resume=state if state is not None else spec.resume)
+        res = run_method(spec.method, cfg, train, ann, test, test_ann,
+                         params=None if coreg else spec.params,
+                         callbacks=[tracker.epoch_callback], progress=spec.progress,
+                         model_path=out / "model.pt", output_dir=out if coreg else None,
+                         resume=spec.resume, initial_state=state)
     except BaseException as exc:  # Ctrl-C, or SIGTERM (Terminated): the run is KILLED
         tracker.end(exc)
-        if isinstance(exc, KeyboardInterrupt):
+        if coreg and isinstance(exc, KeyboardInterrupt):
             what = "terminated" if isinstance(exc, Terminated) else "interrupted"
             print(f"{what}: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
                   f"continue with the same command plus --resume", file=sys.stderr)
         raise
-    trainer.save_model(out / "model.pt")
-    metrics = run_metrics(cfg, train, test, ann, stats, final, time.perf_counter() - t0,
-                          trainer.history)
-    return _finish(spec, cfg, out, metrics, tracker, train)
+    metrics = run_metrics(cfg, train, test, ann, stats, res, time.perf_counter() - t0,
+                          res.get("history") or [])
+    if not coreg:  # a named method: its name first, its own keys last
+        metrics["epochs"] = res.get("epochs")
+        metrics = {"method": spec.method, **metrics,
+                   **{k: v for k, v in res.items() if k not in metrics and k != "method"}}
+    return finish_run(out, metrics, tracker, train if trained else None, spec.register,
+                      f"{spec.images} · {cfg.model.backbone} · seed {cfg.train.seed}")
 
 
 def run_metrics(cfg, train, test, ann, stats: dict, final: dict, wall: float,
@@ -192,22 +212,27 @@ def run_metrics(cfg, train, test, ann, stats: dict, final: dict, wall: float,
     }
 
 
-def _finish(spec: RunSpec, cfg, out: Path, metrics: dict, tracker: Tracker,
-            train=None) -> dict:
-    """metrics.json, curves.png beside it, and the tracker's final metrics and files; with
-    `train` (the training table: a student was trained), model.pt as the run's MLflow model."""
+def finish_run(out: Path, metrics: dict, tracker: Tracker, train=None,
+               register: str | None = None, curves_title: str | None = None) -> dict:
+    """The end of every run that writes OUTPUT (`execute`, Ray Train's driver):
+    metrics.json, curves.png beside it (with `curves_title`), the tracker's final metrics and
+    files, and with `train` (the training table: a student was trained) model.pt as the run's
+    MLflow model (`register`: a Model Registry version too); then the tracker ends."""
     write_json_atomic(out / "metrics.json", metrics)
-    from coreg_ray.plots import training_curves, write_beside  # curves.png beside metrics.json
+    files = OUTPUT_FILES
+    if curves_title is not None:
+        from coreg_ray.plots import training_curves, write_beside  # curves.png by metrics.json
 
-    write_beside(training_curves, metrics["history"], out / "curves.png",
-                 title=f"{spec.images} · {cfg.model.backbone} · seed {cfg.train.seed}")
+        write_beside(training_curves, metrics["history"], out / "curves.png", title=curves_title)
+    else:
+        files = tuple(f for f in OUTPUT_FILES if f != "curves.png")
     tracker.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None})
-    for f in OUTPUT_FILES:
+    for f in files:
         tracker.log_artifact(out / f)
     if tracker.run_id is not None:
         metrics["mlflow_run_id"] = tracker.run_id
         if train is not None:
-            metrics.update(log_run_model(tracker, out / "model.pt", train, spec.register,
+            metrics.update(log_run_model(tracker, out / "model.pt", train, register,
                                          {"coreg.output": str(out.resolve()),
                                           "test_accuracy": metrics.get("test_accuracy")}))
     tracker.end()
@@ -237,47 +262,3 @@ def log_run_model(tracker: Tracker, model_path: Path, train, register: str | Non
         out.update(registered_model=logged["registered_model"],
                    registered_version=logged["version"])
     return out
-
-
-def _execute_method(spec: RunSpec) -> dict:
-    """A named method of `coreg_ray.methods` (no checkpoints, no resume): the same checks
-    first, then run_method; model.pt when the method trains a Co-Reg model."""
-    from coreg_ray.coreg.trainer import check_training_inputs
-    from coreg_ray.data import AnnotationTable, annotation_stats, load_run_inputs, read_annotations
-    from coreg_ray.methods import FEWSHOT, describe, method_info, run_method
-
-    describe(spec.method)  # an unknown name is one line before anything is read
-    if spec.resume:
-        raise CoregError(f"--resume continues Co-Reg training only, not method {spec.method}")
-    if spec.register and method_info(spec.method).kind != "coreg":
-        raise CoregError(f"--register: method {spec.method} writes no model.pt (only Co-Reg and "
-                         "its variants do): nothing to register")
-    out = check_output_dir(spec.output, "output folder")
-    cfg = resolve_config(spec, None, out / "config.yaml")
-    train, test, ann = load_run_inputs(spec.images, spec.annotations, spec.test_images,
-                                       spec.image_size or cfg.data.image_size, spec.limit)
-    test_ann = spec.test_annotations
-    if test_ann is not None and not isinstance(test_ann, AnnotationTable):
-        test_ann = read_annotations(test_ann, train.num_classes)
-    if spec.method != "zero_shot" and spec.method not in FEWSHOT:  # it trains a student
-        check_training_inputs(cfg, train, ann, test)
-    stats = annotation_stats(ann, train.labels)
-    # ---- everything checked: from here on the run writes
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    tracker = tracker_for(cfg, out).start()
-    t0 = time.perf_counter()
-    try:
-        res = run_method(spec.method, cfg, train, ann, test, test_ann, params=spec.params,
-                         callbacks=[tracker.epoch_callback], progress=spec.progress,
-                         model_path=out / "model.pt")
-    except BaseException as exc:
-        tracker.end(exc)
-        raise
-    metrics = run_metrics(cfg, train, test, ann, stats, res, time.perf_counter() - t0,
-                          res.get("history") or [])
-    metrics["epochs"] = res.get("epochs")
-    metrics = {"method": spec.method, **metrics,
-               **{k: v for k, v in res.items() if k not in metrics and k != "method"}}
-    trained = method_info(spec.method).kind == "coreg"  # run_method wrote model.pt
-    return _finish(spec, cfg, out, metrics, tracker, train if trained else None)

@@ -15,8 +15,9 @@
   failure (`FailureConfig(max_failures)`) and when a run with the same `storage_path/name` is
   launched again (Train V2 reloads the run's checkpoint list from storage), so a finished or
   interrupted run resumes instead of restarting.
-- The driver writes OUTPUT/metrics.json, model.pt and config.yaml like `coreg_ray.runs.execute`,
-  from the last checkpoint (so workers may live on other nodes: only `storage_path` must be shared).
+- The driver resolves the config (`runs.resolve_config`) and writes OUTPUT/metrics.json, model.pt
+  and config.yaml like `coreg_ray.runs.execute` (`runs.finish_run`), from the last checkpoint (so
+  workers may live on other nodes: only `storage_path` must be shared).
 - MLflow: one run per (storage_path, name), created by the driver and found again on relaunch;
   rank 0 logs per-epoch metrics into it, the driver the final metrics, artifacts and model.pt as
   the run's MLflow model (`runs:/<id>/model`; `register`: a Model Registry version too).
@@ -35,8 +36,8 @@ from pathlib import Path
 from coreg_ray import safeload
 from coreg_ray.distributed.tracking import MLflowClientRun, NoTracker, finite_metrics
 from coreg_ray.errors import CoregError
-from coreg_ray.outputs import atomic_path, check_output_dir, write_json_atomic
-from coreg_ray.runs import check_register, log_run_model, run_metrics, start_ray
+from coreg_ray.outputs import atomic_path, check_output_dir
+from coreg_ray.runs import RunSpec, finish_run, resolve_config, run_metrics, start_ray
 
 RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
 
@@ -179,7 +180,6 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     callbacks: extra picklable epoch callbacks run on every worker (e.g. `FailOnce`).
     register: a registered model name for the run's MLflow model (needs tracking).
     """
-    from coreg_ray.config import Config
     from coreg_ray.coreg.trainer import CHECKPOINT
     from coreg_ray.data import annotation_stats, load_run_inputs
 
@@ -188,13 +188,10 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if gpus_per_worker < 0:
         raise CoregError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
     out = check_output_dir(output)  # nothing is written before every input is checked
-    cfg = config if not isinstance(config, (str, Path, type(None))) else Config.load(config, list(overrides))
-    if run_name:
-        cfg.tracking.run_name = run_name
-    if not mlflow:
-        cfg.tracking.mlflow = False
-    cfg.check_schedule()
-    check_register(register, cfg.tracking.mlflow)
+    # the config as `train` resolves it (a Config as is, else the file plus overrides; run name,
+    # tracking, the rule between keys, --register checked)
+    cfg = resolve_config(RunSpec(images, annotations, out, config, overrides, run_name=run_name,
+                                 tracking=mlflow, register=register), None, out / "config.yaml")
     size = image_size or cfg.data.image_size
     train, test, ann = load_run_inputs(images, annotations, test_images, size, limit)
     if test is not None and test.labels is None:
@@ -254,8 +251,6 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise CoregError(f"distributed training reported no checkpoint (see {storage}/{name})")
-    import torch
-
     with result.checkpoint.as_directory() as d:
         state = safeload.load_state(Path(d) / CHECKPOINT, "cpu", "checkpoint")
         if state["epoch"] != cfg.train.epochs - 1 or not (Path(d) / "model.pt").exists():
@@ -272,19 +267,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     metrics.update(workers=workers, gpus_per_worker=gpus_per_worker,
                    restored_from_epochs=ray_info.get("restores", []),
                    ray_storage=f"{storage}/{name}", history=history)
-    write_json_atomic(out / "metrics.json", metrics)
-    tracker.log_metrics({k: v for k, v in metrics.items() if k != "history" and v is not None},
-                        step=0)
-    for f in ("metrics.json", "config.yaml", "model.pt"):
-        tracker.log_artifact(out / f)
-    if tracker.run_id is not None:
-        metrics.update(log_run_model(tracker, out / "model.pt", train, register,
-                                     {"coreg.output": str(out.resolve()),
-                                      "test_accuracy": final["test_accuracy"]}))
-    tracker.end()
-    if tracker.run_id is not None:
-        metrics["mlflow_run_id"] = tracker.run_id
-    return metrics
+    # metrics.json, the tracker's final metrics, files and model as `execute` ends (no curves)
+    return finish_run(out, metrics, tracker, train, register)
 
 
 def summarize(metrics: dict) -> str:
