@@ -107,6 +107,13 @@ class Tracker:
     def epoch_callback(self, epoch, stats, trainer=None) -> None:
         self.log_metrics(stats, step=epoch)
 
+    def log_history(self, history: list[dict]) -> None:
+        """A finished run's per-epoch stats (`trainer.history`) at once, each row at its
+        `epoch` as the step: what `epoch_callback` logs as the run goes."""
+        for row in history:
+            self.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                             step=int(row.get("epoch", 0)))
+
 
 class NoTracker(Tracker):
     """Tracking off: nothing is logged (`run_id` is None)."""
@@ -245,13 +252,21 @@ class MLflowClientRun(Tracker):
             self.client.log_batch(self.run_id, params=ps[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._log_steps([(step or 0, metrics)])
+
+    def log_history(self, history: list[dict]) -> None:
+        self._log_steps([(int(row.get("epoch", 0)),
+                          {k: v for k, v in row.items() if k != "epoch"}) for row in history])
+
+    def _log_steps(self, rows: list[tuple[int, dict]]) -> None:
+        """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each)."""
         from mlflow.entities import Metric
 
-        clean = finite_metrics(metrics)
-        if clean:
-            ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0)
-                                                        for k, v in clean.items()])
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, v, ts, step) for step, metrics in rows
+              for k, v in finite_metrics(metrics).items()]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():

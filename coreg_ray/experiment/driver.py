@@ -434,8 +434,7 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
             for ref in in_flight:
                 ray.cancel(ref, force=True)  # in_flight is only filled once ray is up
             if tracker is not None:
-                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
-                               {}, [])
+                tracker.finish(exc, {}, [])  # KILLED (Ctrl-C) or FAILED
             raise
     table, records = write_table()
     summary = {"runs": len(runs), "runs_finished": sum(r["status"] == "ok" for r in records),
@@ -444,8 +443,8 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
     if tracker is not None:
         if register:
             tracker.mark_best(register)
-        tracker.finish("FINISHED", summary, [out / "table.md", out / "table.csv", results_path,
-                                             out / "experiment.yaml", out / "table.png"])
+        tracker.finish(None, summary, [out / "table.md", out / "table.csv", results_path,
+                                       out / "experiment.yaml", out / "table.png"])
         summary["mlflow_parent_run_id"] = tracker.parent
     table.summary = summary
     return table
