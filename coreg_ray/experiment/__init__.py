@@ -18,8 +18,8 @@ Experiment file (YAML)
     name: cifar10-cpu                   # title of the table, MLflow parent run name
     description: free text              # optional
     data:                               # shared by every setting (a setting may override keys)
-      images: ../shared/data/cifar10-jpeg/train.parquet   # any load_image_table source
-      test_images: ../shared/data/cifar10-jpeg/test.parquet  # labelled; required
+      images: data/cifar10-jpeg/train.parquet   # any load_image_table source
+      test_images: data/cifar10-jpeg/test.parquet  # labelled; required
       limit: 1000                       # first N training rows (null: all)
       test_limit: 1000                  # first N test rows (null: all)
       image_size: null                  # resize on load (null: config data.image_size / native)
