@@ -66,7 +66,8 @@ def _model_arg(p):
 def _stream_args(p, batch_help: str):
     """The options of the Ray Data stream `annotate` and `predict` share."""
     p.add_argument("--batch-size", type=int, default=None, help=f"images per actor call ({batch_help})")
-    p.add_argument("--actors", type=int, default=None, help="default one per GPU, else one")
+    p.add_argument("--actors", type=int, default=None,
+                   help="default one per GPU, else one per CPU core (at most 8)")
     p.add_argument("--shard-size", type=int, default=4096, help="rows per resumable shard")
     p.add_argument("--restart", action="store_true", help="ignore finished shards")
     p.add_argument("--engine", default="ray", choices=["ray", "local"])

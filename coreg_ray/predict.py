@@ -4,7 +4,7 @@
 
 The same stream as annotation (`coreg_ray.streaming`): Ray Data reads the pool, decodes on CPU
 tasks and runs `StudentPredictor` on an actor pool (one GPU per actor when the cluster has GPUs;
-on CPU one actor using the node's cores unless ``num_actors`` says otherwise). ``engine="local"``
+on CPU one actor per core, at most 8, the cores shared out as torch threads). ``engine="local"``
 runs it in this process.
 
 Output columns: ``id``; ``label`` (the predicted class index, -1 where the image could not be

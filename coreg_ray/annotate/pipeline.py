@@ -184,7 +184,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     image_size: override the model's input resolution (tests; random weights).
     batch_size: images per actor call (default CLIP 256 with GPUs, 32 on CPU; LLaVA 64 / 16).
     num_actors / actor_cpus / use_gpu: actor pool (default: one actor per GPU with 1 GPU each;
-      on CPU one actor with all CPUs but one). LLaVA: one engine actor per
+      on CPU one single-threaded actor per core, at most 8). LLaVA: one engine actor per
       ``tensor_parallel_size`` GPUs.
     engine: "ray" or "local" (this process, no Ray). Ray is started here if not running
       (``ray.init(address=ray_address)``) and stopped again at the end. With "local" a LLaVA
