@@ -55,10 +55,11 @@ print()
 if length:
     print("x3 length (60 epochs, warm-up 30), seed 0, test accuracy %:")
     print()
-    for r in sorted(length, key=lambda r: r["method"]):
+    for r in sorted(length, key=lambda r: (r["setting"], -r["test_accuracy"])):
         curve = [h["test_accuracy"] for h in r.get("test_history", [])]
         marks = ", ".join(f"ep {i + 1}: {100 * a:.1f}" for i, a in enumerate(curve) if (i + 1) % 10 == 0)
-        print(f"- {r['method']}: final {100 * r['test_accuracy']:.1f} ({marks})")
+        print(f"- {r['setting']} · {r['method']}: final {100 * r['test_accuracy']:.1f}"
+              + (f" ({marks})" if marks else ""))
     print()
 print("Co-Reg per epoch (after the warm-up): test acc / P fraction / P pseudo-label acc / U pseudo-label acc, %:")
 print()
