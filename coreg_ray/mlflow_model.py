@@ -79,6 +79,7 @@ def predict_frame(clf, frame, top_k: int = TOP_K):
     import torch
 
     from coreg_ray.annotate.imageio import decode_batch_bytes
+    from coreg_ray.coreg.classifier import pool_prep
 
     if isinstance(frame, dict):
         frame = pd.DataFrame(frame)
@@ -91,16 +92,13 @@ def predict_frame(clf, frame, top_k: int = TOP_K):
         raise CoregError(f"top_k: {top_k!r} is out of range (valid: >= 1)")
     n = len(frame)
     blobs = [_blob(v) for v in frame["image"]]
-    prep = {"size": clf.image_size, "resize_mode": "longest", "interpolation": "bicubic",
-            "fill_color": 0}
-    pixels, errors = decode_batch_bytes(blobs, np.arange(n), prep)
+    pixels, errors = decode_batch_bytes(blobs, np.arange(n), pool_prep(clf.image_size))
     ok = np.flatnonzero(errors == "")
     labels, names = np.full(n, -1, np.int64), [""] * n
     conf, top_labels, top_probs = np.zeros(n), [[] for _ in range(n)], [[] for _ in range(n)]
     if len(ok):
         images = torch.from_numpy(pixels[ok]).permute(0, 3, 1, 2).contiguous()
-        probs = torch.softmax(clf.logits(images).float(), 1)
-        p, idx = probs.topk(min(int(top_k), probs.shape[1]), 1)
+        p, idx = clf.top_k(images, top_k)
         for row, i, pr in zip(ok, idx.numpy(), p.numpy().astype(float)):
             labels[row], names[row], conf[row] = i[0], clf.classes[i[0]], pr[0]
             top_labels[row], top_probs[row] = i.tolist(), pr.tolist()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coreg_ray.coreg.classifier import pool_prep
 from coreg_ray.errors import CoregError
 from coreg_ray.streaming import (ShardCollector, ShardPlan, actor_resources, consume,
                                  fingerprint, has_shards, input_files, local_stream,
@@ -68,8 +69,7 @@ class StudentPredictor:
         ok = np.flatnonzero(errors == "")
         if len(ok):
             pixels = torch.as_tensor(np.ascontiguousarray(np.asarray(batch["pixels"])[ok]))
-            probs = self.clf.logits(pixels.permute(0, 3, 1, 2), batch_size=len(ok)).softmax(1)
-            p, c = probs.topk(k, dim=1)
+            p, c = self.clf.top_k(pixels.permute(0, 3, 1, 2), k)
             out["label"][ok] = c[:, 0].numpy()
             out["confidence"][ok] = p[:, 0].numpy()
             out["top_k_labels"][ok] = c.numpy()
@@ -183,7 +183,7 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
                                                  files=[str(f) for f in files]), indent=1))
 
     pending = pending_shards(parts, plan, tag)
-    prep = {"size": size, "resize_mode": "longest", "interpolation": "bicubic", "fill_color": 0}
+    prep = pool_prep(size)  # as load_image_table decodes, so labels are evaluate's
     meta = {"model": str(model), "model_sha1": model_sha1, "classes": classes, "top_k": top_k,
             "plan": tag}
     clock, res, started_ray, ray_mod = {}, None, False, None

@@ -76,6 +76,11 @@ class Classifier:
             out.append(sum(net(x).float() for net in self.nets).cpu())
         return torch.cat(out)
 
+    def top_k(self, images_uint8: torch.Tensor, k: int):
+        """(probabilities, class indices) [B, k] of the k most probable classes, best first."""
+        probs = self.logits(images_uint8, max(1, len(images_uint8))).float().softmax(1)
+        return probs.topk(min(int(k), probs.shape[1]), dim=1)
+
     def predict(self, images_uint8: torch.Tensor) -> np.ndarray:
         return self.logits(images_uint8).argmax(1).numpy()
 
@@ -86,6 +91,13 @@ class Classifier:
                      for c in range(len(self.classes)) if (table.labels == c).any()}
         return {"accuracy": float((pred == table.labels).mean()), "images": len(table),
                 "per_class_accuracy": per_class}
+
+
+def pool_prep(size: int) -> dict:
+    """How encoded images are decoded for a model (`annotate.imageio.decode_batch_bytes`
+    settings): RGB, letterboxed to its size as `load_image_table` does."""
+    return {"size": int(size), "resize_mode": "longest", "interpolation": "bicubic",
+            "fill_color": 0}
 
 
 def check_model_state(state, source: str = "model") -> None:
