@@ -2,9 +2,11 @@
 # The GTSRB CPU table (issue: Co-Reg on the paper's own ground), resumable: rerun this script
 # and every finished run is skipped (results.jsonl; a missing runs/<name>/results.jsonl is first
 # seeded from the recorded copy in benchmarks/results/gtsrb-cpu/). Order: seed 0 of the main
-# table, its few-shot rows, the x3-length table without DivideMix (the slowest method), then with
-# it, seeds 1 and 2 of the main table, then the few-shot rows of seeds 1 and 2. Raw rows are
-# copied to benchmarks/results/gtsrb-cpu/ after each phase.
+# table and its few-shot rows; then the x3-length table without DivideMix (the slowest method)
+# next to seed 1 of the main table without DivideMix, one run each at a time (both cores busy);
+# seeds 1 and 2 of the main table without DivideMix, then with it; the x3-length DivideMix rows;
+# the few-shot rows of seeds 1 and 2. Raw rows are copied to benchmarks/results/gtsrb-cpu/ after
+# each phase.
 #   nohup bash benchmarks/scripts/gtsrb_cpu.sh > runs/gtsrb_cpu.log 2>&1 &
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,21 +14,19 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 PY=${PY:-.venv/bin/python}
 RES=benchmarks/results/gtsrb-cpu
 mkdir -p runs/tmp "$RES"
-seeds_only() {  # $1 config, $2 seeds (YAML list) -> a copy with only those seeds
-  local out="runs/tmp/$(basename "$1" .yaml)-seeds.yaml"
-  "$PY" - "$1" "$2" "$out" <<'PY'
+variant() {  # $1 config, $2 seeds (YAML list or ""), $3 method to leave out (or ""), $4 parallel
+  local out="runs/tmp/$(basename "$1" .yaml)-$(echo "$2-$3-$4" | tr -dc 'a-z0-9-').yaml"
+  "$PY" - "$1" "$2" "$3" "$4" "$out" <<'PY'
 import sys, yaml
-d = yaml.safe_load(open(sys.argv[1])); d["seeds"] = yaml.safe_load(sys.argv[2])
-yaml.safe_dump(d, open(sys.argv[3], "w"), sort_keys=False, allow_unicode=True)
-PY
-  echo "$out"
-}
-without() {  # $1 config, $2 method -> a copy without that method
-  local out="runs/tmp/$(basename "$1" .yaml)-without-$2.yaml"
-  "$PY" - "$1" "$2" "$out" <<'PY'
-import sys, yaml
-d = yaml.safe_load(open(sys.argv[1])); d["methods"] = [m for m in d["methods"] if m != sys.argv[2]]
-yaml.safe_dump(d, open(sys.argv[3], "w"), sort_keys=False, allow_unicode=True)
+src, seeds, drop, parallel, out = sys.argv[1:]
+d = yaml.safe_load(open(src))
+if seeds:
+    d["seeds"] = yaml.safe_load(seeds)
+if drop:
+    d["methods"] = [m for m in d["methods"] if m != drop]
+if parallel:
+    d["parallel"] = int(parallel)
+yaml.safe_dump(d, open(out, "w"), sort_keys=False, allow_unicode=True)
 PY
   echo "$out"
 }
@@ -38,9 +38,25 @@ run() {  # $1 config, $2 output name
   mkdir -p "$RES/$2"
   cp "runs/$2/results.jsonl" "runs/$2/table.md" "runs/$2/table.csv" "$RES/$2/" 2>/dev/null
 }
-run "$(seeds_only configs/exp-gtsrb-cpu.yaml '[0]')" exp-gtsrb-cpu
-run "$(seeds_only configs/exp-gtsrb-cpu-fewshot.yaml '[0]')" exp-gtsrb-cpu-fewshot
-run "$(without configs/exp-gtsrb-cpu-length.yaml dividemix)" exp-gtsrb-cpu-length
-run configs/exp-gtsrb-cpu-length.yaml exp-gtsrb-cpu-length
-run configs/exp-gtsrb-cpu.yaml exp-gtsrb-cpu
-run configs/exp-gtsrb-cpu-fewshot.yaml exp-gtsrb-cpu-fewshot
+MAIN=configs/exp-gtsrb-cpu.yaml FEW=configs/exp-gtsrb-cpu-fewshot.yaml
+LEN=configs/exp-gtsrb-cpu-length.yaml
+run "$(variant $MAIN '[0]' '' '')" exp-gtsrb-cpu
+run "$(variant $FEW '[0]' '' '')" exp-gtsrb-cpu-fewshot
+# two experiments side by side, one run each at a time (separate output folders)
+# (seed 1's folder starts from the main table's rows; its new rows are merged back after)
+mkdir -p runs/exp-gtsrb-cpu-seed1
+[ -f runs/exp-gtsrb-cpu-seed1/results.jsonl ] || cp runs/exp-gtsrb-cpu/results.jsonl runs/exp-gtsrb-cpu-seed1/
+run "$(variant $LEN '' dividemix 1)" exp-gtsrb-cpu-length &
+run "$(variant $MAIN '[1]' dividemix 1)" exp-gtsrb-cpu-seed1 &
+wait
+"$PY" - <<'PY'
+import json
+main, side = "runs/exp-gtsrb-cpu/results.jsonl", "runs/exp-gtsrb-cpu-seed1/results.jsonl"
+have = {(r["key"], r["fingerprint"]) for r in map(json.loads, open(main))}
+new = [l for l in open(side) if (json.loads(l)["key"], json.loads(l)["fingerprint"]) not in have]
+open(main, "a").writelines(new)
+PY
+run "$(variant $MAIN '' dividemix '')" exp-gtsrb-cpu
+run $MAIN exp-gtsrb-cpu
+run $LEN exp-gtsrb-cpu-length
+run $FEW exp-gtsrb-cpu-fewshot
