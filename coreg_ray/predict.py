@@ -42,6 +42,13 @@ PLAN_FILE = "plan.json"
 COLUMNS = ("id", "label", "confidence", "top_k_labels", "top_k_probs", "error")
 
 
+# Images per call on CPU. The bare model is faster per image at 64 (PreAct ResNet-18 at 32 px,
+# 2 threads: 89 vs 76 images/s at 256), but through Ray Data 64 was slower end to end (10,000
+# images, 1 / 2 actors: 57.5 / 73.6 vs 69.4 / 77.6 images/s at 256; benchmarks/predict.md):
+# four times the blocks and actor calls. GPUs take 1024.
+CPU_BATCH = 256
+
+
 class StudentPredictor:
     """One per Ray Data actor: a trained student (`model.pt` contents) -> top-k predictions for
     decoded uint8 [B, H, W, 3] batches."""
@@ -199,10 +206,10 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
 
                 ray_mod, started_ray = start_ray(ray_address, logging_level=None)
                 res = actor_resources(ray_mod, num_actors, actor_cpus, use_gpu)
-                bs = batch_size or (1024 if res["gpu"] else 256)
+                bs = batch_size or (1024 if res["gpu"] else CPU_BATCH)
                 batches = ray_stream(files, None, prep, StudentPredictor, kwargs, bs, res, keep)
             else:
-                bs = batch_size or 256
+                bs = batch_size or CPU_BATCH
                 batches = local_stream(files, None, prep, StudentPredictor,
                                        dict(kwargs, num_threads=None), bs, keep)
             bar = None

@@ -231,6 +231,8 @@ def test_actor_resources_and_error_unwrapping():
     r = _resources(FakeRay({"CPU": 2.0}), None, None, None)
     assert (r["gpu"], r["num_actors"], r["actor_cpus"], r["threads"]) == (False, 2, 0.5, 1)
     assert r["decode_cpus"] != r["actor_cpus"]  # never fused
+    assert r["decode_tasks"] == 1  # on CPU: decode tasks only on the cores left over
+    assert _resources(FakeRay({"CPU": 16.0}), None, None, None)["decode_tasks"] == 15
     r = _resources(FakeRay({"CPU": 2.0}), 1, None, None)
     assert (r["actor_cpus"], r["threads"]) == (1.0, 2)  # one actor: both cores
     r = _resources(FakeRay({"CPU": 32.0}), None, None, None)
@@ -238,6 +240,7 @@ def test_actor_resources_and_error_unwrapping():
     assert _resources(FakeRay({"CPU": 8.0}), None, 2.0, None)["threads"] == 2  # as asked
     r = _resources(FakeRay({"CPU": 16.0, "GPU": 4.0}), None, None, None)
     assert (r["gpu"], r["num_actors"], r["actor_cpus"]) == (True, 4, 1.0)
+    assert r["decode_tasks"] is None  # GPU actors: as many decode tasks as Ray allows
     with pytest.raises(CoregError, match="GPU"):
         _resources(FakeRay({"CPU": 8.0, "GPU": 1.0}), 2, None, True)
     with pytest.raises(CoregError, match="no GPU"):
