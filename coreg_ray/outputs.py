@@ -16,10 +16,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from coreg_ray.errors import CoregError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local(path, what: str) -> None:
+    """Tables, models and outputs are local paths (a shared filesystem on a cluster): a URI such
+    as s3://BUCKET/x is one line saying so, instead of "not found: s3:/BUCKET/x"."""
+    if _SCHEME.match(str(path)):
+        raise CoregError(f"{what} {path}: remote URIs ({str(path).split('://')[0]}://) are not "
+                         "read or written by coreg-ray; put the file on a filesystem every node "
+                         "mounts (e.g. NFS) and give its path (only --storage-path, Ray Train's "
+                         "checkpoint store, takes s3:// and gs://)")
 
 
 def _first_existing(p: Path) -> Path:
@@ -43,6 +56,7 @@ def _check_creatable(p: Path, what: str) -> None:
 def check_output_dir(path, what: str = "output folder") -> Path:
     """A folder the command may write into: an existing writable folder, or a path whose
     nearest existing ancestor is a writable folder. Creates nothing."""
+    check_local(path, what)
     p = Path(path)
     if str(path).strip() == "":
         raise CoregError(f"{what}: empty path")
@@ -62,6 +76,7 @@ def check_output_file(path, what: str = "output file", hint: str = "") -> Path:
     """A file the command may (over)write: not a folder; an existing file must be writable,
     a new one creatable. `hint` is added when the path is a folder (e.g. the name to give).
     Creates nothing."""
+    check_local(path, what)
     p = Path(path)
     if str(path).strip() == "":
         raise CoregError(f"{what}: empty path")

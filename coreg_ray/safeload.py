@@ -42,6 +42,9 @@ def load_state(path, map_location="cpu", what: str = "model/checkpoint",
     file: a refused payload ("... or it contains code: refused"), or an unreadable file."""
     import torch
 
+    from coreg_ray.outputs import check_local
+
+    check_local(path, what)
     p = Path(path)
     if not p.is_file():
         raise CoregError(f"{what} not found: {p}" if not p.exists() else f"{p}: not a file ({what})")

@@ -37,6 +37,9 @@ def input_files(images_path, what: str = "annotate") -> list[Path]:
             if not f.is_file():
                 raise CoregError(f"image table not found: {f}")
         return files
+    from coreg_ray.outputs import check_local
+
+    check_local(images_path, "image table")
     p = Path(images_path)
     spec = str(images_path)
     if not p.exists() and (spec.split(":")[0] == "digits" or spec.startswith("torchvision:")):

@@ -220,3 +220,43 @@ def test_checkpoint_and_model_writes_leave_no_temp_file_on_failure(digits, tmp_p
         t.save_model(model)
     assert {p: p.read_bytes() for p in (ckpt, model)} == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["annotate", "--images", "s3://bucket/train.parquet", "--annotator", "clip:RN50/random",
+     "--output", "OUT/ann.parquet"],
+    ["annotate", "--images", "IMAGES", "--annotator", "clip:RN50/random",
+     "--output", "s3://bucket/ann.parquet"],
+    ["predict", "--model", "s3://bucket/model.pt", "--images", "IMAGES",
+     "--output", "OUT/p.parquet"],
+    ["predict", "--model", "MODEL", "--images", "gs://bucket/pool/", "--output", "OUT/p.parquet"],
+    ["train", "--images", "s3://bucket/train.parquet", "--annotations", "ANN",
+     "--output", "OUT/run", "--no-mlflow"],
+    ["train", "--images", "digits:train", "--annotations", "s3://bucket/ann.parquet",
+     "--output", "OUT/run", "--no-mlflow"],
+    ["evaluate", "--model", "MODEL", "--images", "s3://bucket/test.parquet"],
+])
+def test_remote_uris_are_one_line_naming_the_uri(tmp_path, capsys, monkeypatch, argv, digits,
+                                                 tiny_student):
+    """The README's cluster examples put data on a shared filesystem: s3:// / gs:// paths for
+    tables, models and outputs are refused in one line that names the URI (not "not found:
+    s3:/bucket/..."), before anything is written."""
+    from coreg_ray.data import synthetic_annotations, write_annotations, write_image_table
+
+    monkeypatch.chdir(tmp_path)
+    train, _ = digits
+    write_image_table(train.subset(np.arange(64)), tmp_path / "images.parquet")
+    ann = synthetic_annotations(train.ids, train.labels, train.num_classes, q=0.1, eta=0.0,
+                                seed=0)
+    write_annotations(ann, tmp_path / "ann.parquet")
+    sub = {"IMAGES": str(tmp_path / "images.parquet"), "ANN": str(tmp_path / "ann.parquet"),
+           "MODEL": str(tmp_path / "model.pt"), "OUT": str(tmp_path / "out")}
+    (tmp_path / "model.pt").write_bytes(tiny_student.read_bytes())
+    argv = [next((a.replace(k, v) for k, v in sub.items() if a.startswith(k)), a) for a in argv]
+    uri = next(a for a in argv if "://" in a)
+    before = _files(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("coreg-ray: error:"), err
+    assert uri in err and "remote URIs" in err and "every node mounts" in err, err
+    assert _files(tmp_path) == before

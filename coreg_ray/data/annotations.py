@@ -119,6 +119,9 @@ def read_meta(schema_meta, path) -> dict:
 def read_annotations(path: str | Path, num_classes: int | None = None) -> AnnotationTable:
     import pyarrow.parquet as pq
 
+    from coreg_ray.outputs import check_local
+
+    check_local(path, "annotation table")
     path = Path(path)
     if not path.exists():
         raise CoregError(f"annotation table not found: {path}")

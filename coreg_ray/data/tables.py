@@ -182,6 +182,9 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
     elif spec.startswith("torchvision:"):
         table = _load_torchvision(spec, image_size, limit)
     else:
+        from coreg_ray.outputs import check_local
+
+        check_local(spec, "image table")
         path = Path(spec)
         if not path.exists():
             raise CoregError(f"image table not found: {spec}")
