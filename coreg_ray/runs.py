@@ -48,7 +48,8 @@ class RunSpec:
     output: the run's folder. config: a `Config`, a YAML path, or None (the defaults; with
     `resume`, the run's own config); `overrides` (`section.key=value`) apply on top.
     method: `coreg` (default: checkpoints, resume) or any name of `coreg_ray.methods`
-    (`params`: its parameters; `test_annotations`: the test split's table, for zero_shot).
+    (`params`: its parameters, for Co-Reg and its variants dotted config keys applied after
+    the overrides; `test_annotations`: the test split's table, for zero_shot).
     seed: sets `train.seed` (None: the config's). run_name: the tracked run's name.
     tracking: False turns MLflow off whatever the config says.
     register: a registered model name: the run's MLflow model becomes a new version of it
@@ -116,6 +117,10 @@ def resolve_config(spec: RunSpec, state: dict | None, cfg_path: Path):
         cfg.tracking.run_name = spec.run_name
     if not spec.tracking:
         cfg.tracking.mlflow = False
+    if spec.method == DEFAULT_METHOD and spec.params:  # Co-Reg's params are dotted config keys:
+        from coreg_ray.methods import apply_variant_params  # set here, so config.yaml and the
+
+        apply_variant_params(cfg, spec.params, DEFAULT_METHOD)  # checkpoint record them
     cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
     check_register(spec.register, cfg.tracking.mlflow)
     return cfg

@@ -95,6 +95,25 @@ def test_execute_runs_coreg_and_named_methods_through_one_path(small, tmp_path):
         execute(RunSpec(train, ann, tmp_path / "b", method="cc", resume=True))
 
 
+def test_execute_applies_coreg_params_and_records_them(small, tmp_path):
+    """Co-Reg's `params` (dotted config keys) reach the run and its config.yaml, as a
+    variant's do (they were dropped for method coreg); a key that is not one is one line."""
+    from coreg_ray.config import Config
+    from coreg_ray.runs import RunSpec, execute
+
+    train, ann, test = small
+    cfg = tiny_config(**{"train.epochs": 2, "train.warmup_epochs": 1})
+    m = execute(RunSpec(train, ann, tmp_path / "p", config=cfg, test_images=test,
+                        params={"train.epochs": 1, "coreg.lambda_u": 7.5}, progress=False))
+    assert m["epochs"] == 1
+    saved = Config.load(tmp_path / "p" / "config.yaml")
+    assert saved.train.epochs == 1 and saved.coreg.lambda_u == 7.5
+    with pytest.raises(CoregError, match="coreg: Co-Reg variants take dotted config keys"):
+        execute(RunSpec(train, ann, tmp_path / "q", config=tiny_config(), params={"lr": 1},
+                        progress=False))
+    assert not (tmp_path / "q").exists()
+
+
 def test_experiment_tracker_logs_through_client_runs(tmp_path, mlflow_store):
     """The experiment's parent and child runs: names, tags, params, per-epoch and final
     metrics, FAILED / FINISHED; a relaunch continues the same parent."""
