@@ -145,6 +145,12 @@ def test_two_workers_match_one_process(ray_runtime, digits_synthetic, tmp_path):
 
     clf = Classifier.load(tmp_path / "two" / "model.pt", "cpu")
     assert clf.evaluate(test)["accuracy"] == pytest.approx(acc2, abs=1e-6)
+    # the run's folder holds what `train` without workers writes, curves.png included
+    from coreg_ray.runs import OUTPUT_FILES
+
+    for f in OUTPUT_FILES:
+        assert (tmp_path / "two" / f).is_file(), f
+    assert (tmp_path / "two" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_worker_killed_mid_run_restarts_and_relaunch_resumes(ray_runtime, digits_synthetic,

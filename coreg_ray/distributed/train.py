@@ -267,8 +267,10 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     metrics.update(workers=workers, gpus_per_worker=gpus_per_worker,
                    restored_from_epochs=ray_info.get("restores", []),
                    ray_storage=f"{storage}/{name}", history=history)
-    # metrics.json, the tracker's final metrics, files and model as `execute` ends (no curves)
-    return finish_run(out, metrics, tracker, train, register)
+    # metrics.json, curves.png, the tracker's final metrics, files and model as `execute` ends
+    title = f"{images if isinstance(images, (str, Path)) else 'images'} · " \
+            f"{cfg.model.backbone} · seed {cfg.train.seed} · {workers} workers"
+    return finish_run(out, metrics, tracker, train, register, title)
 
 
 def summarize(metrics: dict) -> str:
