@@ -235,9 +235,23 @@ def test_asha_sweep_logs_trials_as_mlflow_children(ray_runtime, tmp_path, monkey
     client = mlflow.tracking.MlflowClient(uri)
     best = children[children["tags.best_trial"] == "true"]
     assert len(best) == 1
-    assert "model.pt" in [a.path for a in client.list_artifacts(best.iloc[0]["run_id"])]
+    # the best trial's student is an MLflow model on its run (runs:/<id>/model), which
+    # predicts what the best model.pt predicts
+    assert s["mlflow_model_uri"] == f"runs:/{best.iloc[0]['run_id']}/model"
+    assert "model" in [a.path for a in client.list_artifacts(best.iloc[0]["run_id"])]
     hist = client.get_metric_history(best.iloc[0]["run_id"], "val_candidate_agreement")
     assert [h.step for h in hist] == [0, 1, 2, 3]
+    import pandas as pd
+
+    from coreg_ray.coreg.classifier import Classifier
+    from coreg_ray.data import load_image_table
+    from coreg_ray.mlflow_model import encode_png
+
+    test = load_image_table("digits:test").subset(np.arange(20))
+    got = mlflow.pyfunc.load_model(s["mlflow_model_uri"]).predict(
+        pd.DataFrame({"image": encode_png(test.images, len(test))}))
+    want = Classifier.load(tmp_path / "sweep" / "best" / "model.pt", "cpu").predict(test.images)
+    assert (np.asarray(got["label"]) == np.asarray(want)).all()
 
 
 def test_sweep_file_errors_are_one_line(tmp_path):

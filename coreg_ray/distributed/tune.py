@@ -488,9 +488,21 @@ def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_s
     for f in (out / "sweep.json", best_dir / "config.yaml", best_dir / "model.pt"):
         tracker.log_artifact(f, "best" if f.parent == best_dir else None)
     child = callbacks[0].runs.get(best["trial_id"]) if callbacks else None
-    if child and have_model:
-        child.log_artifact(best_dir / "model.pt")
+    if child:
         child.set_tag("best_trial", "true")
+    if have_model:  # the best trial's student as an MLflow model on its run, as `train` logs one
+        from coreg_ray.runs import log_run_model
+
+        try:
+            logged = log_run_model(child or tracker, best_dir / "model.pt", train, None,
+                                   {"coreg.output": str(best_dir.resolve()),
+                                    "trial_id": str(best["trial_id"])})
+        except BaseException as exc:
+            tracker.end(exc)
+            raise
+        if logged:
+            summary.update(logged)
+            write_json_atomic(out / "sweep.json", summary)
     tracker.end()
     if tracker.run_id is not None:
         summary["mlflow_parent_run_id"] = tracker.run_id
