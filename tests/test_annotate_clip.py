@@ -464,3 +464,42 @@ def test_ray_pipeline_resumes_missing_shard_only(ray_run):
     # other settings on the same parts folder are refused
     with pytest.raises(CoregError, match="other settings.*candidate_mode"):
         run_annotation(**dict(ray_run["kwargs"], candidate_mode="topk:2"))
+
+
+def test_weights_file_is_loaded_without_a_random_init_first(tmp_path, monkeypatch):
+    """A weights file (or tag) is loaded into a model built without the random init it would
+    overwrite (most of an actor's model build); every weight is the file's, the init functions
+    are back afterwards, a file missing a weight still fails, and random weights are still
+    initialised."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip import factory
+
+    from coreg_ray.annotate import clip
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "coreg-tiny", TINY_CFG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        ref = open_clip.model.CLIP(**TINY_CFG)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    calls = []
+    real = torch.nn.init.normal_
+
+    def counted(t, *a, **k):
+        calls.append(tuple(t.shape))
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", counted)
+    model, _, _ = clip.load_clip_model(f"clip:coreg-tiny/{tmp_path / 'w.pt'}")
+    assert calls == []  # nothing was randomly initialised
+    assert torch.nn.init.normal_ is counted  # and the initialisers are back
+    got = model.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+    sd = ref.state_dict()
+    sd.pop("text_projection")
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(CoregError, match="cannot build the model"):
+        clip.load_clip_model(f"clip:coreg-tiny/{tmp_path / 'partial.pt'}")
+    assert torch.nn.init.normal_ is counted
+    clip.load_clip_model("clip:coreg-tiny/random")
+    assert calls  # random weights are still initialised
