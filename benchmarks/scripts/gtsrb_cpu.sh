@@ -2,8 +2,7 @@
 # The GTSRB CPU table (issue: Co-Reg on the paper's own ground), resumable: rerun this script
 # and every finished run is skipped (results.jsonl; a missing runs/<name>/results.jsonl is first
 # seeded from the recorded copy in benchmarks/results/gtsrb-cpu/). Order: seed 0 of the main
-# table and its few-shot rows; then the x3-length table without DivideMix (the slowest method)
-# next to seed 1 of the main table without DivideMix, one run each at a time (both cores busy);
+# table and its few-shot rows; the x3-length table without DivideMix (the slowest method);
 # seeds 1 and 2 of the main table without DivideMix, then with it; the x3-length DivideMix rows;
 # the few-shot rows of seeds 1 and 2. Raw rows are copied to benchmarks/results/gtsrb-cpu/ after
 # each phase.
@@ -42,20 +41,7 @@ MAIN=configs/exp-gtsrb-cpu.yaml FEW=configs/exp-gtsrb-cpu-fewshot.yaml
 LEN=configs/exp-gtsrb-cpu-length.yaml
 run "$(variant $MAIN '[0]' '' '')" exp-gtsrb-cpu
 run "$(variant $FEW '[0]' '' '')" exp-gtsrb-cpu-fewshot
-# two experiments side by side, one run each at a time (separate output folders)
-# (seed 1's folder starts from the main table's rows; its new rows are merged back after)
-mkdir -p runs/exp-gtsrb-cpu-seed1
-[ -f runs/exp-gtsrb-cpu-seed1/results.jsonl ] || cp runs/exp-gtsrb-cpu/results.jsonl runs/exp-gtsrb-cpu-seed1/
-run "$(variant $LEN '' dividemix 1)" exp-gtsrb-cpu-length &
-run "$(variant $MAIN '[1]' dividemix 1)" exp-gtsrb-cpu-seed1 &
-wait
-"$PY" - <<'PY'
-import json
-main, side = "runs/exp-gtsrb-cpu/results.jsonl", "runs/exp-gtsrb-cpu-seed1/results.jsonl"
-have = {(r["key"], r["fingerprint"]) for r in map(json.loads, open(main))}
-new = [l for l in open(side) if (json.loads(l)["key"], json.loads(l)["fingerprint"]) not in have]
-open(main, "a").writelines(new)
-PY
+run "$(variant $LEN '' dividemix '')" exp-gtsrb-cpu-length
 run "$(variant $MAIN '' dividemix '')" exp-gtsrb-cpu
 run $MAIN exp-gtsrb-cpu
 run $LEN exp-gtsrb-cpu-length

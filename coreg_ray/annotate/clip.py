@@ -295,9 +295,9 @@ def _square(size, what) -> int:
 def _init_skipped():
     """`torch.nn.init`'s in-place initialisers do nothing while a model whose weights are loaded
     right after is built: an open_clip tag or a weights file, which open_clip loads strictly
-    (every parameter is overwritten, or it raises). The
-    random init it skips is most of the build time (ViT-B-32 on one CPU thread: 0.97 s vs 0.16 s,
-    then 0.59 s to load), paid again by every annotation actor."""
+    (every parameter is overwritten, or it raises). The random init it skips is most of the
+    build time (ViT-B-32 on one CPU thread: 0.97 s vs 0.16 s, then 0.59 s to load), paid again
+    by every annotation actor."""
     import torch.nn.init as init
 
     names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")
