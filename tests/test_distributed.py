@@ -30,10 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket is held open until all are chosen (one at a time,
+    the OS can hand out the same port twice, and `ray start` refuses a port given to two of
+    its components)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _runs(uri: str):
@@ -50,10 +58,10 @@ def test_ray_job_submit_to_a_local_head(tmp_path, mlflow_store):
 
     assert main(["synth", "--images", "digits:train", "--limit", "300", "--q", "0.2",
                  "--eta", "0.1", "--output", str(tmp_path / "ann.parquet")]) == 0
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
-                                       "object-manager-port", "node-manager-port",
-                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                       "runtime-env-agent-port", "metrics-export-port")}
+    names = ("port", "dashboard-port", "ray-client-server-port", "object-manager-port",
+             "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port")
+    ports = dict(zip(names, _free_ports(len(names))))
     temp = Path("/tmp") / f"coreg-ci-ray-{os.getpid()}"  # short: Ray's socket paths are limited
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                RAY_AUTH_MODE="disabled",  # token auth is on by default in 2.60 (stack-notes)
