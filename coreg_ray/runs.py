@@ -197,7 +197,14 @@ def execute(spec: RunSpec) -> dict:
         metrics = {"method": spec.method, **metrics,
                    **{k: v for k, v in res.items() if k not in metrics and k != "method"}}
     return finish_run(out, metrics, tracker, train if trained else None, spec.register,
-                      f"{spec.images} · {cfg.model.backbone} · seed {cfg.train.seed}")
+                      run_title(spec.images, cfg))
+
+
+def run_title(images, cfg, *extra: str) -> str:
+    """The title of a run's curves.png: its images (a path, or "images" for a table in memory),
+    backbone and seed, then `extra` parts."""
+    name = str(images) if isinstance(images, (str, Path)) else "images"
+    return " · ".join([name, cfg.model.backbone, f"seed {cfg.train.seed}", *extra])
 
 
 def run_metrics(cfg, train, test, ann, stats: dict, final: dict, wall: float,

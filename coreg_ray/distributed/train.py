@@ -37,7 +37,8 @@ from coreg_ray import safeload
 from coreg_ray.distributed.tracking import MLflowClientRun, NoTracker, finite_metrics
 from coreg_ray.errors import CoregError
 from coreg_ray.outputs import atomic_path, check_output_dir
-from coreg_ray.runs import RunSpec, finish_run, resolve_config, run_metrics, start_ray
+from coreg_ray.runs import (RunSpec, finish_run, resolve_config, run_metrics, run_title,
+                            start_ray)
 
 RUN_TAG = "coreg.ray_run"  # MLflow tag: absolute storage_path/name of the Ray Train run
 
@@ -268,9 +269,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                    restored_from_epochs=ray_info.get("restores", []),
                    ray_storage=f"{storage}/{name}", history=history)
     # metrics.json, curves.png, the tracker's final metrics, files and model as `execute` ends
-    title = f"{images if isinstance(images, (str, Path)) else 'images'} · " \
-            f"{cfg.model.backbone} · seed {cfg.train.seed} · {workers} workers"
-    return finish_run(out, metrics, tracker, train, register, title)
+    return finish_run(out, metrics, tracker, train, register,
+                      run_title(images, cfg, f"{workers} workers"))
 
 
 def summarize(metrics: dict) -> str:
