@@ -93,7 +93,8 @@ def draw_votes(lookalike: np.ndarray, ease: np.ndarray, labels: np.ndarray, a: f
     uniform draws u_right, u_wrong [N, K] fix the randomness (calibration reuses them)."""
     n, c = lookalike.shape
     rows = np.arange(n)
-    p_right = 1.0 / (1.0 + np.exp(-(a + s * ease)))  # [N]
+    # clipped: exp(710) overflows (a warning, and p = 0 either way)
+    p_right = 1.0 / (1.0 + np.exp(-np.clip(a + s * ease, -700.0, 700.0)))  # [N]
     logr = np.log(np.clip(lookalike, 1e-12, None)) / tau
     logr[rows, labels] = -np.inf
     wrong = np.exp(logr - logr.max(1, keepdims=True))
