@@ -34,7 +34,6 @@ def test_draw_votes_hand_case():
     assert st == {"partial_accuracy": 1.0, "avg_candidates": 2.0, "ensemble_accuracy": 1.0}
 
 
-
 def test_draw_votes_extreme_ease_is_quiet_and_exact():
     # calibration can push a + s * ease far past exp's range: no overflow warning, and the
     # hardest image is never voted right, the easiest always
@@ -43,6 +42,7 @@ def test_draw_votes_extreme_ease_is_quiet_and_exact():
     with np.errstate(over="raise"):
         votes, _ = draw_votes(r, np.array([-1.0, 1.0]), np.array([0, 0]), 0.0, 1e4, 1.0, u, u)
     assert votes.tolist() == [[2, 2, 2], [0, 0, 0]]
+
 
 def test_explicit_targets_on_digits(digits):
     train, test = digits
