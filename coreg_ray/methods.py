@@ -3,6 +3,10 @@
 - `zero_shot`: no training; the annotator's own accuracy on the test images (vote ensemble and
   per template), read from the test split's annotation table.
 - `coreg` and its ablations (paper Table V) and `warmup_only`: the Co-Reg trainer with switches.
+- `true_labels`: the ceiling row of every table: the same student, loss (the warm-up loss, all
+  epochs), schedule and images as `warmup_only`, trained on the TRUE labels (one-element
+  candidate sets; needs labelled training images). How much of it a method reaches is what the
+  annotator's noise cost it.
 - `dividemix` (Li et al., ICLR 2020) on the single noisy label (the annotator's ensemble argmax):
   the Co-Reg loop with one-hot "candidate sets", which is exactly DivideMix's co-divide (GMM on
   the per-sample CE, each net split by its peer), label refinement on the labelled split
@@ -48,6 +52,8 @@ for _name, _label, _description, _overrides in (
     ("coreg_no_u", "Co-Reg w/o U", "Co-Reg w/o the unlabeled split U", ["coreg.use_unlabeled=false"]),
     ("warmup_only", "Warm-up loss only", "warm-up loss only (partial CE + neg. entropy), all epochs",
      None),
+    ("true_labels", "True labels (ceiling)",
+     "the ceiling: warm-up loss only, all epochs, on the TRUE labels (one-element sets)", None),
     ("dividemix", "DivideMix (ensemble label)", "DivideMix on the ensemble label", [
         "coreg.prototypes=false", "coreg.contrastive=false", "coreg.distribution_alignment=false",
         "coreg.class_balanced_split=false", "coreg.prior_penalty=true", "coreg.lambda_u=25"]),
@@ -197,7 +203,13 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
         # The variant's switches define it, so they override the shared config; a run changes
         # them through its params, applied last (e.g. params: {dividemix: {coreg.lambda_u: 10}}).
         apply_variant_params(cfg, params, name)
-        ann = onehot_ensemble(annotations, cfg.train.seed) if name == "dividemix" else annotations
+        if name == "dividemix":
+            ann = onehot_ensemble(annotations, cfg.train.seed)
+        elif name == "true_labels":  # the ceiling: the setting's annotations are not used
+            from coreg_ray.data.noise import true_label_annotations
+            ann = true_label_annotations(train.ids, train.labels, train.num_classes, train.source)
+        else:
+            ann = annotations
         trainer = CoReg(cfg, comm=comm, callbacks=callbacks, progress=progress)
     else:  # a baseline: its Method class
         if comm is not None:

@@ -28,7 +28,7 @@ from coreg_ray.errors import CoregError, note, require
 ACC_KEYS = (("test_accuracy", "test accuracy"), ("pseudo_accuracy_p", "pseudo-label acc. on P"),
             ("pseudo_accuracy_u", "pseudo-label acc. on U"))
 LOSS_KEYS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
-SHOT_FREE = ("zero_shot",)  # methods that do not depend on the number of shots
+SHOT_FREE = ("zero_shot", "true_labels")  # methods that do not depend on the number of shots
 
 
 def _figure(width: float, height: float):

@@ -2,7 +2,7 @@
 from coreg_ray.data.annotations import (AnnotationTable, annotation_stats, candidate_matrix,
                                         merge_annotations, read_annotations, write_annotations)
 from coreg_ray.data.noise import (apply_few_shot, few_shot_indices, synthetic_annotations,
-                                  synthetic_candidates)
+                                  synthetic_candidates, true_label_annotations)
 from coreg_ray.data.tables import ImageTable, load_image_table, table_from_arrays, write_image_table
 
 
@@ -33,4 +33,4 @@ def load_run_inputs(images, annotations, test_images=None, image_size=None, limi
 __all__ = ["AnnotationTable", "SimulatedVLM", "ImageTable", "annotation_stats", "apply_few_shot",
            "candidate_matrix", "few_shot_indices", "load_image_table", "load_run_inputs", "merge_annotations",
            "read_annotations", "simulate_vlm_annotator", "synthetic_annotations",
-           "synthetic_candidates", "table_from_arrays", "write_annotations", "write_image_table"]
+           "synthetic_candidates", "table_from_arrays", "true_label_annotations", "write_annotations", "write_image_table"]

@@ -42,6 +42,19 @@ def synthetic_annotations(ids, labels, num_classes, q, eta, seed=0) -> Annotatio
                             "num_classes": num_classes})
 
 
+def true_label_annotations(ids, labels, num_classes, source="images") -> AnnotationTable:
+    """The true labels as one-element candidate sets: what the true-labels ceiling trains on
+    (the same loss, schedule and data as the other rows, with labels as good as they get)."""
+    if labels is None:
+        raise CoregError(f"{source}: the true-labels ceiling needs labelled images (a 'label' "
+                         "column or class sub-folders)")
+    labels = np.asarray(labels, np.int64)
+    cand = np.zeros((len(labels), num_classes), bool)
+    cand[np.arange(len(labels)), labels] = True
+    return AnnotationTable(np.asarray(ids), cand, None, None,
+                           {"annotator": "true labels", "num_classes": num_classes})
+
+
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     """k indices per class (fewer where a class has fewer samples), seeded."""
     if shots <= 0:

@@ -37,7 +37,9 @@ Experiment file (YAML)
         annotator: CLIP ViT-B/32 (openai), 27 templates   # footer text (optional)
         data: {images: ..., test_images: ...}             # optional per-setting data (a dataset column)
         config: {data: {hflip: false}}                    # optional per-setting config sections
-    methods: [zero_shot, cc, dividemix, coreg]   # table ROWS (`all`: every registered method)
+      - {name: true labels, true_labels: {}}  # every method on the TRUE labels (a ceiling column)
+    methods: [true_labels, zero_shot, cc, dividemix, coreg]   # table ROWS (`all`: every
+                                        # registered method); true_labels: the ceiling row
     shots: [0]                          # few-shot grid (fewshot.shots; true labels per class)
     seeds: [0, 1]                       # train.seed and fewshot.seed of each run
     config: {model: {backbone: small_cnn}, train: {epochs: 20}}   # base Config (or a YAML path)
@@ -56,10 +58,14 @@ Experiment file (YAML)
   paper_annotator (`coreg_ray.annotate.simulated`) is calibrated on the training table to the
   paper's statistics and annotates both splits with that calibration.
   `zero_shot` does not depend on shots: it runs once per (setting, seed), with shots 0.
+- The ceiling: the method `true_labels` is a row (the student trained with the warm-up loss for
+  all epochs on the TRUE labels, same images, schedule and config as every other row; once per
+  (setting, seed), shots 0; never bold), and the setting kind `true_labels: {}` is a column
+  (every method trained on the true labels). Both need labelled training images.
 - Table layout: rows = methods, columns = settings; with several `shots` and one setting the
   columns are shots ("1-shot", ...). With several shots and settings-columns, rows are
   "method k-shot" (the paper's Table I). Cells are mean ± sample std over seeds of the final
-  test accuracy in percent; the best per column is bold.
+  test accuracy in percent; the best per column is bold (the ceiling row never is).
 """
 from __future__ import annotations
 

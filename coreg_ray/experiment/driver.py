@@ -31,7 +31,7 @@ def build_annotations(setting: Setting, train, test):
     from coreg_ray.data import SimulatedVLM, read_annotations, synthetic_annotations
 
     c = train.num_classes
-    if setting.kind in ("synthetic", *SIMULATED_KINDS) and train.labels is None:
+    if setting.kind in ("synthetic", "true_labels", *SIMULATED_KINDS) and train.labels is None:
         raise CoregError(f"setting '{setting.name}': {setting.kind} annotations need labelled "
                          "training images")
     if setting.kind == "synthetic":
@@ -39,6 +39,10 @@ def build_annotations(setting: Setting, train, test):
         seed = int(s.get("seed", 0))
         ann = synthetic_annotations(train.ids, train.labels, c, s["q"], s["eta"], seed)
         test_ann = synthetic_annotations(test.ids, test.labels, c, s["q"], s["eta"], seed + 1)
+    elif setting.kind == "true_labels":
+        from coreg_ray.data.noise import true_label_annotations
+        ann = true_label_annotations(train.ids, train.labels, c, train.source)
+        test_ann = true_label_annotations(test.ids, test.labels, c, test.source)
     elif setting.kind == "simulated_vlm":
         s = setting.spec
         vlm = SimulatedVLM(s.get("templates", 8), s.get("per_class", 10),

@@ -15,15 +15,19 @@ from coreg_ray.errors import CoregError
 TOP_KEYS = ("name", "description", "data", "settings", "methods", "shots", "seeds", "config",
             "params", "resources", "parallel", "labels", "table")
 DATA_KEYS = ("images", "test_images", "limit", "test_limit", "image_size")
-KINDS = ("synthetic", "simulated_vlm", "paper_annotator", "annotations")
+KINDS = ("synthetic", "simulated_vlm", "paper_annotator", "annotations", "true_labels")
 SETTING_KEYS = ("name", *KINDS, "test_annotations", "annotator", "data", "config")
 KIND_KEYS = {"synthetic": ("q", "eta", "seed"),
              "simulated_vlm": ("templates", "per_class", "feature_fraction", "seed", "features"),
              "paper_annotator": ("like", "dataset", "partial_acc", "avg_candidates", "zero_shot",
-                                 "templates", "features", "seed")}
+                                 "templates", "features", "seed"),
+             "true_labels": ()}
 SIMULATED_KINDS = ("simulated_vlm", "paper_annotator")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
-SHOT_FREE = ("zero_shot",)  # methods whose result cannot depend on few-shot labels
+# methods whose result cannot depend on few-shot labels: the annotator's own accuracy, and the
+# true-labels ceiling (every label is already a true one)
+SHOT_FREE = ("zero_shot", "true_labels")
+CONFIG_FREE = ("zero_shot",)  # measures the annotator: no training config involved
 SIMULATED_NOTE = "simulated VLM annotator — a stand-in, not a VLM"
 # Config keys added after results files were recorded, with the default that reproduces the
 # behaviour from before they existed. A recorded run whose fingerprint was computed without such
@@ -57,6 +61,8 @@ class Setting:
                     f"{s.get('per_class', 10)} labelled images per class each")
         elif self.kind == "paper_annotator":
             text = paper_annotator(self.spec).spec
+        elif self.kind == "true_labels":
+            text = "the true labels as one-element candidate sets (the ceiling column)"
         else:
             text = f"annotation table {self.spec}"
         if self.kind in SIMULATED_KINDS:
@@ -244,7 +250,7 @@ class Experiment:
                         resolved["tracking"]["mlflow"] = False  # the driver logs every run
                         params = self.params.get(m) or {}
                         fp = {k2: v for k2, v in resolved.items() if k2 != "tracking"}
-                        if m in SHOT_FREE:  # measures the annotator: no config involved
+                        if m in CONFIG_FREE:
                             fp, params = None, {}
                         setting = [s.kind, s.spec, s.test_annotations, s.data]
                         fingerprint = _fingerprint(m, setting, fp, params)
@@ -372,6 +378,8 @@ def _setting(s, i, data, where, resolve) -> Setting:
                     raise CoregError(f"{at}: synthetic.{k} must be a number in [0, 1], got {v!r}")
         elif kind == "paper_annotator":
             paper_annotator(spec, at)  # validates
+        elif kind == "true_labels":
+            pass  # no parameters: `true_labels: {}`
         else:
             for k in ("templates", "per_class"):
                 v = spec.get(k)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from coreg_ray.errors import CoregError
 from coreg_ray.experiment.schema import SHOT_FREE
+
+REFERENCE_ROWS = ("true_labels",)  # rows that measure what the labels allow, not a method
 from coreg_ray.method_registry import MethodView
 
 
@@ -93,7 +95,8 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
     when the columns are settings. `expected_seeds`: cells with fewer finished seeds say so.
     A cell is `mean ± std` (percent, sample std; the mean alone for one seed), `failed` when
     every run of it failed, `–` when none has run; `(k failed)` marks partly failed cells.
-    The best mean per column (as displayed) is bold, ties included.
+    The best mean per column (as displayed) is bold, ties included; the true-labels ceiling
+    (`REFERENCE_ROWS`) is shown but never bold.
     """
     labels = labels or {}
 
@@ -185,7 +188,8 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
                 elif expected_seeds and len(vals) < expected_seeds:
                     text += f" (n={len(vals)})"
                 shown = round(mean, digits)
-                best_val[ck[0]] = max(best_val.get(ck[0], -math.inf), shown)
+                if rk[1] not in REFERENCE_ROWS:  # the ceiling is a yardstick, not a contender
+                    best_val[ck[0]] = max(best_val.get(ck[0], -math.inf), shown)
             else:
                 text = "n/a" if not_applicable else ("failed" if failed else "–")
             cell["text"] = text
@@ -194,7 +198,7 @@ def format_table(rows: list[dict], methods: list[str] | None = None,
         row_labels.append(rk[0])
         grid.append(texts)
     best = {(rk[0], ck[0]) for rk in row_keys for ck in col_keys
-            if cells[(rk[0], ck[0])]["mean"] is not None
+            if rk[1] not in REFERENCE_ROWS and cells[(rk[0], ck[0])]["mean"] is not None
             and round(cells[(rk[0], ck[0])]["mean"], digits) == best_val.get(ck[0])}
     return Table(title, col_labels, row_labels, grid, cells, best, stat_rows, list(header),
                  list(footer))
