@@ -17,8 +17,9 @@ from pathlib import Path
 
 from coreg_ray.config import SEED, Choices, Range
 from coreg_ray.errors import CoregError, Terminated, printable
-from coreg_ray.outputs import (check_output_file, check_outputs_not_inputs,
-                               check_replaceable_table, to_json)
+from coreg_ray.cli_guards import (check_device_flag, shards_kept_on_interrupt,
+                                  table_outputs)
+from coreg_ray.outputs import check_output_file, check_outputs_not_inputs, to_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,15 +76,6 @@ def _stream_args(p, batch_help: str):
     _valid(p, batch_size=Range(1), actors=Range(1), shard_size=Range(1))
 
 
-def _table_outputs(outputs: dict, inputs: dict) -> None:
-    """Before anything is read: no output table ({flag: path}) is, or lies inside, an input,
-    and none replaces an existing file that is not a Parquet table."""
-    check_outputs_not_inputs(outputs, inputs)
-    for what, path in outputs.items():
-        if path is not None:
-            check_replaceable_table(path, what)
-
-
 def _print_json(data, indent=None):
     print(to_json(data, indent))
 
@@ -93,7 +85,7 @@ def cmd_synth(args):
     from coreg_ray.data import annotation_stats, load_image_table, synthetic_annotations, write_annotations
 
     check_output_file(args.output, "--output", " (give the annotation table's file name)")
-    _table_outputs({"--output": args.output}, {"--images": args.images})
+    table_outputs({"--output": args.output}, {"--images": args.images})
     table = load_image_table(args.images, args.image_size, args.limit)
     if table.labels is None:
         raise CoregError(f"{args.images}: synthetic candidates need ground-truth labels")
@@ -138,7 +130,7 @@ def cmd_simulate(args):
         check_output_file(args.test_output, "--test-output", hint)
         if Path(args.test_output).resolve() == Path(args.output).resolve():
             raise CoregError("--test-output is the same file as --output")
-    _table_outputs({"--output": args.output, "--test-output": args.test_output},
+    table_outputs({"--output": args.output, "--test-output": args.test_output},
                    {"--images": args.images, "--test-images": args.test_images})
     vlm, annotate = _simulated_annotator(args)
     table = load_image_table(args.images, args.image_size, args.limit)
@@ -235,7 +227,7 @@ def cmd_tune(args):
     from coreg_ray.distributed.tune import run_sweep
 
     s = run_sweep(args.config, args.output, args.set or [], args.num_samples,
-                  mlflow=not args.no_mlflow)
+                  mlflow=not args.no_mlflow, overwrite=args.overwrite)
     best = s["best"]
     _print_json({"best_trial": best["trial_id"], s["metric"]: best[s["metric"]],
                  "best_params": best["params"], "ranking": s["ranking"],
@@ -245,23 +237,17 @@ def cmd_tune(args):
 
 
 def cmd_annotate(args):
-    from coreg_ray.annotate.pipeline import run_annotation
     from coreg_ray.annotate.report import report_paths
 
     outputs = {"--output": args.output, "shard folder": f"{args.output}.parts"}
     if args.report:
         outputs.update({"--report": report_paths(args.report)[0],
                         "--report file": report_paths(args.report)[1]})
-    _table_outputs({"--output": args.output}, {"--images": args.images})
+    table_outputs({"--output": args.output}, {"--images": args.images})
     check_outputs_not_inputs(outputs, {"--images": args.images, "--classes": args.classes,
                                        "--templates": args.templates})
-    rep = run_annotation(args.images, args.annotator, args.output, args.report,
-                         classes=args.classes, templates=args.templates,
-                         candidate_mode=args.mode, merge=args.merge, image_size=args.image_size,
-                         batch_size=args.batch_size, num_actors=args.actors,
-                         shard_size=args.shard_size,
-                         on_bad_image="fail" if args.fail_on_bad_image else "skip",
-                         restart=args.restart, engine=args.engine)
+    with shards_kept_on_interrupt(args.output):
+        rep = _annotate(args)
     keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy")
     show = {k: rep["quality"][k] for k in keys if k in rep.get("quality", {})}
     t = rep.get("timing", {})
@@ -270,6 +256,18 @@ def cmd_annotate(args):
     if "first_result_s" in t:
         show["first_result_s"] = round(t["first_result_s"], 2)
     _print_json(show)
+
+
+def _annotate(args):
+    from coreg_ray.annotate.pipeline import run_annotation
+
+    return run_annotation(args.images, args.annotator, args.output, args.report,
+                          classes=args.classes, templates=args.templates,
+                          candidate_mode=args.mode, merge=args.merge, image_size=args.image_size,
+                          batch_size=args.batch_size, num_actors=args.actors,
+                          shard_size=args.shard_size,
+                          on_bad_image="fail" if args.fail_on_bad_image else "skip",
+                          restart=args.restart, engine=args.engine)
 
 
 def cmd_evaluate(args):
@@ -302,12 +300,13 @@ def cmd_predict(args):
     from coreg_ray.predict import run_predict
 
     inputs = {"--images": args.images, "--model": args.model}
-    _table_outputs({"--output": args.output}, inputs)
+    table_outputs({"--output": args.output}, inputs)
     check_outputs_not_inputs({"summary file": f"{args.output}.summary.json",
                               "shard folder": f"{args.output}.parts"}, inputs)
-    s = run_predict(args.model, args.images, args.output, batch_size=args.batch_size,
-                    num_actors=args.actors, top_k=args.top_k, limit=args.limit,
-                    shard_size=args.shard_size, restart=args.restart, engine=args.engine)
+    with shards_kept_on_interrupt(args.output):
+        s = run_predict(args.model, args.images, args.output, batch_size=args.batch_size,
+                        num_actors=args.actors, top_k=args.top_k, limit=args.limit,
+                        shard_size=args.shard_size, restart=args.restart, engine=args.engine)
     keys = ("rows", "predicted", "errors", "error_ids", "accuracy", "accuracy_note",
             "images_per_s",
             "first_result_s", "seconds", "class_histogram", "output")
@@ -426,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the sweep's base config, e.g. train.epochs=8")
     p.add_argument("--output", default=None, help="default: the sweep file's output")
     p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into an output that holds a finished sweep")
     p.add_argument("--no-mlflow", action="store_true")
     _valid(p, num_samples=Range(1))
     p.set_defaults(fn=cmd_tune)
@@ -497,26 +498,6 @@ def _preset_datasets():
 def _device_valid():
     from coreg_ray.config import Config
     return Config.valid_values()["train.device"][1]
-
-
-def check_device_flag(device: str, flag: str = "--device") -> None:
-    """One line naming the option the user gave when its device is not on this machine."""
-    if not device.startswith(("cuda", "mps")):
-        return
-    import torch
-
-    if device.startswith("mps"):
-        if not torch.backends.mps.is_available():
-            raise CoregError(f"{flag} {device}: no MPS device is available (use --device cpu "
-                             "or auto)")
-        return
-    if not torch.cuda.is_available():
-        raise CoregError(f"{flag} {device}: no CUDA device is available (use --device cpu or "
-                         "auto)")
-    index = int(device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise CoregError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _on_sigterm(signum, frame):

@@ -83,21 +83,35 @@ def start_ray(address: str | None = None, logging_level: int | None = logging.WA
     """The Ray of this process: the one already running, else `ray.init(address=...)`, which
     joins the cluster when `address` (or RAY_ADDRESS, set inside `ray job submit`) names one and
     otherwise starts a local Ray with this machine's resources. `logging_level` None leaves Ray's
-    own default. Returns (the ray module, whether this call started it)."""
+    own default. A SIGTERM handler set in Python before (the CLI's) is kept. Returns (the ray
+    module, whether this call started it)."""
     ray = require("ray", "ray")
     if ray.is_initialized():
         return ray, False
     kwargs = {} if logging_level is None else {"logging_level": logging_level}
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=address, **kwargs)
+    if callable(previous):  # ray.init replaces it with sys.exit(15); the caller's (the CLI's:
+        signal.signal(signal.SIGTERM, previous)  # stop like Ctrl-C, exit 143) stays in force
     return ray, True
 
 
-def tracker_for(cfg, out: Path) -> Tracker:
+def tracker_for(cfg, out: Path, resume: bool = False) -> Tracker:
     """The tracker of a run in folder `out`: an MLflow run (not yet started) when
-    `cfg.tracking.mlflow`, else `NoTracker`."""
-    if cfg.tracking.mlflow:
-        return MLflowRun(cfg, tags={"output": str(out.resolve())})
-    return NoTracker()
+    `cfg.tracking.mlflow`, else `NoTracker`. With `resume`, the MLflow run that trained into
+    `out` last (its `output` tag), marked RUNNING again, so a run resumed after a kill -9 is
+    continued and ended rather than left RUNNING beside a new one (a new run if none)."""
+    if not cfg.tracking.mlflow:
+        return NoTracker()
+    tags = {"output": str(out.resolve())}
+    if resume:
+        return MLflowClientRun.open(cfg, cfg.tracking.run_name, tags, cfg.flat(),
+                                    find_tag="output")
+    return MLflowRun(cfg, tags=tags)
 
 
 def resolve_config(spec: RunSpec, state: dict | None, cfg_path: Path):
@@ -186,7 +200,7 @@ def execute(spec: RunSpec) -> dict:
     if not spec.resume:
         check_no_run(out, spec.overwrite, coreg)
     # ---- everything checked: from here on the run writes
-    tracker = start_tracker(cfg, out)
+    tracker = start_tracker(cfg, out, state is not None)
     out.mkdir(parents=True, exist_ok=True)
     if spec.overwrite:
         for f in (*OUTPUT_FILES, CHECKPOINT):
@@ -201,6 +215,7 @@ def execute(spec: RunSpec) -> dict:
                          resume=spec.resume, initial_state=state)
     except BaseException as exc:  # Ctrl-C, or SIGTERM (Terminated): the run is KILLED
         tracker.end(exc)
+        close_progress_bars()  # the line that follows starts on a line of its own
         if coreg and isinstance(exc, KeyboardInterrupt):
             what = "terminated" if isinstance(exc, Terminated) else "interrupted"
             print(f"{what}: the last finished epoch is checkpointed in {out / CHECKPOINT}; "
@@ -252,6 +267,16 @@ def check_memory(cfg, rows: int, classes: int, size: int, device) -> None:
                      "model.proj_dim")
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a stopped run left open (tqdm ends each with a newline)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def kept_checkpoint(path: Path) -> str:
     """What a stopped run leaves to resume from: its checkpoint and epoch, or that it has none."""
     from coreg_ray.coreg.checkpoint import read_checkpoint
@@ -265,10 +290,12 @@ def kept_checkpoint(path: Path) -> str:
     return f"the last finite checkpoint, {path} (epoch {epoch}), is kept"
 
 
-def start_tracker(cfg, out: Path) -> Tracker:
-    """`tracker_for(cfg, out).start()`, a failure to start one line (nothing written yet)."""
-    tracker = tracker_for(cfg, out)
+def start_tracker(cfg, out: Path, resume: bool = False) -> Tracker:
+    """`tracker_for(cfg, out, resume).start()`, a failure to start one line (nothing written
+    yet)."""
+    tracker = None
     try:
+        tracker = tracker_for(cfg, out, resume)
         return tracker.start()
     except (KeyboardInterrupt, CoregError):
         raise
@@ -278,10 +305,12 @@ def start_tracker(cfg, out: Path) -> Tracker:
                 tracker.end(exc)
             except Exception:
                 pass
+        from coreg_ray.distributed.tracking import tracking_uri
+
         first = " ".join(str(exc).split())[:300]
-        raise CoregError(f"MLflow tracking store {tracker.uri}: the run could not be started "
-                         f"({type(exc).__name__}: {first}); --no-mlflow trains without it") \
-            from None
+        raise CoregError(f"MLflow tracking store {tracking_uri(cfg.tracking.tracking_uri)}: the "
+                         f"run could not be started ({type(exc).__name__}: {first}); "
+                         "--no-mlflow trains without it") from None
 
 
 def check_no_run(out: Path, overwrite: bool, resumable: bool = True) -> None:
