@@ -500,7 +500,11 @@ def _device_valid():
     return Config.valid_values()["train.device"][1]
 
 
+_SIGTERM_SEEN = []
+
+
 def _on_sigterm(signum, frame):
+    _SIGTERM_SEEN.append(signum)  # a library (Ray Train) may re-raise it as a KeyboardInterrupt
     raise Terminated()
 
 
@@ -511,6 +515,7 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     # SIGTERM stops a command the way Ctrl-C does (checkpoint kept, MLflow run KILLED)
     main_thread = threading.current_thread() is threading.main_thread()
+    _SIGTERM_SEEN.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         check_args(args)
@@ -521,7 +526,7 @@ def main(argv=None) -> int:
     except Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGTERM if _SIGTERM_SEEN else 130
     finally:
         if main_thread:  # None: a handler not set from Python (restore the default)
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -386,3 +386,22 @@ def test_sigterm_in_predict_on_ray_keeps_the_shards_and_exits_143(world, tmp_pat
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "finished shard(s) kept in" in err, err[-2000:]
     assert not out.exists()
+
+
+def test_sigterm_reraised_as_ctrl_c_by_a_library_still_exits_143(monkeypatch, capsys):
+    """Ray Train turns the CLI's SIGTERM (Terminated) into a plain KeyboardInterrupt: the exit
+    status is still SIGTERM's 143, not Ctrl-C's 130."""
+    import coreg_ray.cli as cli
+    from coreg_ray.errors import Terminated
+
+    def stopped(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated:
+            raise KeyboardInterrupt() from None
+
+    monkeypatch.setattr(cli, "cmd_report", stopped)
+    assert cli.main(["report", "--annotations", "x.parquet"]) == 143
+    monkeypatch.setattr(cli, "cmd_report", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["report", "--annotations", "x.parquet"]) == 130
