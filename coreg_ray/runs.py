@@ -199,6 +199,9 @@ def execute(spec: RunSpec) -> dict:
     stats = annotation_stats(ann, train.labels)
     if not spec.resume:
         check_no_run(out, spec.overwrite, coreg)
+    elif state is None and ((out / "model.pt").exists() or (out / "metrics.json").exists()):
+        raise CoregError(f"{out} holds a finished run but no {CHECKPOINT}: nothing to resume "
+                         "from (--overwrite to replace the run)")
     # ---- everything checked: from here on the run writes
     tracker = start_tracker(cfg, out, state is not None)
     out.mkdir(parents=True, exist_ok=True)

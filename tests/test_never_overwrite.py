@@ -58,6 +58,12 @@ def world(tmp_path_factory):
     _table(w / "cifar", CIFAR)
     _table(w / "ansi", [f"\x1b[31mred{i}\x1b[0m" for i in range(10)])
     (w / "notes.txt").write_text("my notes\n")
+    (w / "half").mkdir()  # a run killed after its first checkpoint
+    for f in ("config.yaml", "checkpoint.pt"):
+        shutil.copy2(w / "run" / f, w / "half" / f)
+    (w / "nockpt").mkdir()  # a finished run whose checkpoint was deleted
+    for f in ("config.yaml", "model.pt", "metrics.json"):
+        shutil.copy2(w / "run" / f, w / "nockpt" / f)
     sweep = {"data": {"images": "digits:train", "annotations": {"synthetic": {"q": 0.3}}},
              "search": {"train.lr": {"loguniform": [0.003, 0.05]}}, "num_samples": 2,
              "output": str(w / "sweep")}
@@ -135,6 +141,11 @@ def _cases():
         # -- a run folder is never replaced silently, config.yaml always describes model.pt
         ("train-into-finished-run", tr + ["--output", "{w}/run"] + TRAIN,
          "holds a finished run; --resume to continue it or --overwrite to replace it", None),
+        ("train-into-unfinished-run", tr + ["--output", "{w}/half"] + TRAIN,
+         "holds an unfinished run (checkpoint.pt); --resume to continue it or --overwrite", None),
+        ("train-resume-without-checkpoint", tr + ["--output", "{w}/nockpt", "--resume",
+                                                  "--no-mlflow"],
+         "holds a finished run but no checkpoint.pt: nothing to resume from", None),
         ("train-resume-finished-other-settings", tr + ["--output", "{w}/run", "--resume",
                                                        "--no-mlflow", "--set",
                                                        "coreg.sharpen_T=0.7"],
