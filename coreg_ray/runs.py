@@ -117,7 +117,8 @@ def tracker_for(cfg, out: Path, resume: bool = False) -> Tracker:
 def resolve_config(spec: RunSpec, state: dict | None, cfg_path: Path):
     """The run's config: `spec.config` (a Config is used as is), else the checkpoint's or
     OUTPUT/config.yaml when resuming, else the defaults; overrides, seed, run name and tracking
-    of the spec on top; the rule between keys checked."""
+    of the spec on top; the rule between keys checked, and a tracked run's MLflow store probed
+    (`check_tracking_store`)."""
     from coreg_ray.config import Config
 
     config, overrides = spec.config, list(spec.overrides)
@@ -141,6 +142,7 @@ def resolve_config(spec: RunSpec, state: dict | None, cfg_path: Path):
         apply_variant_params(cfg, spec.params, DEFAULT_METHOD)  # checkpoint record them
     cfg.check_schedule()  # each key was range-checked as it was set; this is the rule between keys
     check_register(spec.register, cfg.tracking.mlflow)
+    check_tracking_store(cfg)  # an unreachable MLflow store: one line, within seconds
     return cfg
 
 
@@ -182,7 +184,6 @@ def execute(spec: RunSpec) -> dict:
         check_outputs_not_inputs({"output folder" if o is out else "output file": o}, inputs)
     state = read_checkpoint(ckpt_path) if spec.resume and ckpt_path.exists() else None
     cfg = resolve_config(spec, state, cfg_path)
-    check_tracking_store(cfg)  # an unreachable MLflow store: one line, within seconds
     train, test, ann = load_run_inputs(spec.images, spec.annotations, spec.test_images,
                                        spec.image_size or cfg.data.image_size, spec.limit)
     test_ann = None if coreg else spec.test_annotations  # zero_shot measures the test table

@@ -159,6 +159,8 @@ def _cases():
          "cannot be reached", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
         ("train-new-mlflow-unreachable", tr + ["--output", "{w}/new"] + TRAIN[:-1],
          "cannot be reached", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
+        ("train-workers-mlflow-unreachable", tr + ["--output", "{w}/new", "--workers", "1"]
+         + TRAIN[:-1], "cannot be reached", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
         ("train-mlflow-sqlite-folder-missing", tr + ["--output", "{w}/new"] + TRAIN[:-1],
          "does not exist", {"MLFLOW_TRACKING_URI": "sqlite:////nonexistent-23/mlruns.db"}),
         # -- absurd values: one line, before any allocation
