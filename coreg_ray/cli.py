@@ -16,15 +16,17 @@ import threading
 from pathlib import Path
 
 from coreg_ray.config import SEED, Choices, Range
-from coreg_ray.errors import CoregError, Terminated
-from coreg_ray.outputs import check_output_file, to_json
+from coreg_ray.errors import CoregError, Terminated, printable
+from coreg_ray.cli_guards import (check_device_flag, shards_kept_on_interrupt,
+                                  table_outputs)
+from coreg_ray.outputs import check_output_file, check_outputs_not_inputs, to_json
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and exit status 2."""
 
     def error(self, message):
-        print(f"coreg-ray: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"coreg-ray: error: {printable(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -83,6 +85,7 @@ def cmd_synth(args):
     from coreg_ray.data import annotation_stats, load_image_table, synthetic_annotations, write_annotations
 
     check_output_file(args.output, "--output", " (give the annotation table's file name)")
+    table_outputs({"--output": args.output}, {"--images": args.images})
     table = load_image_table(args.images, args.image_size, args.limit)
     if table.labels is None:
         raise CoregError(f"{args.images}: synthetic candidates need ground-truth labels")
@@ -127,11 +130,19 @@ def cmd_simulate(args):
         check_output_file(args.test_output, "--test-output", hint)
         if Path(args.test_output).resolve() == Path(args.output).resolve():
             raise CoregError("--test-output is the same file as --output")
+    table_outputs({"--output": args.output, "--test-output": args.test_output},
+                   {"--images": args.images, "--test-images": args.test_images})
     vlm, annotate = _simulated_annotator(args)
     table = load_image_table(args.images, args.image_size, args.limit)
     if table.labels is None:
         raise CoregError(f"{args.images}: the simulated annotator needs true labels (it is "
                          "fitted on them)")
+    avg = (getattr(vlm, "targets", None) or (None, None, None))[1]
+    if avg is not None and avg > table.num_classes:
+        which = "--avg-candidates" if args.avg_candidates is not None else \
+            f"--like {args.like} --dataset {args.dataset} (average set size)"
+        raise CoregError(f"{which}: {avg:g} is more than the {table.num_classes} classes of "
+                         f"{args.images} (a candidate set holds 1 to {table.num_classes})")
     vlm.fit(table.images, table.labels, table.num_classes)
     ann = annotate(table)
     ann.meta["classes"] = table.classes
@@ -167,7 +178,7 @@ def cmd_report(args):
 
 def train_run(images, annotations, output, config=None, overrides=(), test_images=None,
               resume=False, image_size=None, limit=None, mlflow=True, progress=True,
-              run_name=None, log=print, register=None) -> dict:
+              run_name=None, log=print, register=None, overwrite=False) -> dict:
     """The `train` command as a function: `coreg_ray.runs.execute` of a Co-Reg `RunSpec`
     (kept under this name for callers of it; `log` is accepted and unused)."""
     from coreg_ray.runs import RunSpec, execute
@@ -175,7 +186,7 @@ def train_run(images, annotations, output, config=None, overrides=(), test_image
     return execute(RunSpec(images, annotations, output, config=config, overrides=overrides,
                            test_images=test_images, resume=resume, image_size=image_size,
                            limit=limit, run_name=run_name, tracking=mlflow, progress=progress,
-                           register=register))
+                           register=register, overwrite=overwrite))
 
 
 def _say_model(m: dict) -> None:
@@ -187,6 +198,9 @@ def _say_model(m: dict) -> None:
 
 
 def cmd_train(args):
+    if args.resume and args.overwrite:
+        raise CoregError("--resume continues the run in --output, --overwrite replaces it: "
+                         "give one of them")
     if args.workers:  # Ray Train: N DDP workers (coreg_ray/distributed/train.py)
         from coreg_ray.distributed.train import summarize, train_distributed
 
@@ -201,7 +215,8 @@ def cmd_train(args):
         return
     m = train_run(args.images, args.annotations, args.output, args.config, args.set or [],
                   args.test_images, args.resume, args.image_size, args.limit,
-                  mlflow=not args.no_mlflow, run_name=args.run_name, register=args.register)
+                  mlflow=not args.no_mlflow, run_name=args.run_name, register=args.register,
+                  overwrite=args.overwrite)
     show = {k: m[k] for k in ("test_accuracy", "annotator_accuracy", "partial_accuracy",
                               "avg_candidates", "epochs", "seconds") if k in m}
     _print_json(show)
@@ -212,7 +227,7 @@ def cmd_tune(args):
     from coreg_ray.distributed.tune import run_sweep
 
     s = run_sweep(args.config, args.output, args.set or [], args.num_samples,
-                  mlflow=not args.no_mlflow)
+                  mlflow=not args.no_mlflow, overwrite=args.overwrite)
     best = s["best"]
     _print_json({"best_trial": best["trial_id"], s["metric"]: best[s["metric"]],
                  "best_params": best["params"], "ranking": s["ranking"],
@@ -222,15 +237,17 @@ def cmd_tune(args):
 
 
 def cmd_annotate(args):
-    from coreg_ray.annotate.pipeline import run_annotation
+    from coreg_ray.annotate.report import report_paths
 
-    rep = run_annotation(args.images, args.annotator, args.output, args.report,
-                         classes=args.classes, templates=args.templates,
-                         candidate_mode=args.mode, merge=args.merge, image_size=args.image_size,
-                         batch_size=args.batch_size, num_actors=args.actors,
-                         shard_size=args.shard_size,
-                         on_bad_image="fail" if args.fail_on_bad_image else "skip",
-                         restart=args.restart, engine=args.engine)
+    outputs = {"--output": args.output, "shard folder": f"{args.output}.parts"}
+    if args.report:
+        outputs.update({"--report": report_paths(args.report)[0],
+                        "--report file": report_paths(args.report)[1]})
+    table_outputs({"--output": args.output}, {"--images": args.images})
+    check_outputs_not_inputs(outputs, {"--images": args.images, "--classes": args.classes,
+                                       "--templates": args.templates})
+    with shards_kept_on_interrupt(args.output):
+        rep = _annotate(args)
     keys = ("images", "avg_candidates", "partial_accuracy", "ensemble_accuracy")
     show = {k: rep["quality"][k] for k in keys if k in rep.get("quality", {})}
     t = rep.get("timing", {})
@@ -241,10 +258,23 @@ def cmd_annotate(args):
     _print_json(show)
 
 
+def _annotate(args):
+    from coreg_ray.annotate.pipeline import run_annotation
+
+    return run_annotation(args.images, args.annotator, args.output, args.report,
+                          classes=args.classes, templates=args.templates,
+                          candidate_mode=args.mode, merge=args.merge, image_size=args.image_size,
+                          batch_size=args.batch_size, num_actors=args.actors,
+                          shard_size=args.shard_size,
+                          on_bad_image="fail" if args.fail_on_bad_image else "skip",
+                          restart=args.restart, engine=args.engine)
+
+
 def cmd_evaluate(args):
     from coreg_ray.coreg.trainer import Classifier
     from coreg_ray.data import load_image_table
 
+    check_device_flag(args.device)
     clf = Classifier.load(args.model, args.device)
     table = load_image_table(args.images, None, args.limit, classes=None)
     res = clf.evaluate(table)
@@ -269,10 +299,16 @@ def cmd_experiment(args):
 def cmd_predict(args):
     from coreg_ray.predict import run_predict
 
-    s = run_predict(args.model, args.images, args.output, batch_size=args.batch_size,
-                    num_actors=args.actors, top_k=args.top_k, limit=args.limit,
-                    shard_size=args.shard_size, restart=args.restart, engine=args.engine)
-    keys = ("rows", "predicted", "errors", "error_ids", "accuracy", "images_per_s",
+    inputs = {"--images": args.images, "--model": args.model}
+    table_outputs({"--output": args.output}, inputs)
+    check_outputs_not_inputs({"summary file": f"{args.output}.summary.json",
+                              "shard folder": f"{args.output}.parts"}, inputs)
+    with shards_kept_on_interrupt(args.output):
+        s = run_predict(args.model, args.images, args.output, batch_size=args.batch_size,
+                        num_actors=args.actors, top_k=args.top_k, limit=args.limit,
+                        shard_size=args.shard_size, restart=args.restart, engine=args.engine)
+    keys = ("rows", "predicted", "errors", "error_ids", "accuracy", "accuracy_note",
+            "images_per_s",
             "first_result_s", "seconds", "class_histogram", "output")
     _print_json({k: s[k] for k in keys if k in s and s[k] not in (None, [])}, indent=1)
 
@@ -280,6 +316,7 @@ def cmd_predict(args):
 def cmd_export(args):
     from coreg_ray.export import export_model, summary_lines
 
+    check_outputs_not_inputs({"--output": args.output}, {"--model": args.model})
     print("\n".join(summary_lines(export_model(args.model, args.format, args.output))))
 
 
@@ -364,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=20")
     p.add_argument("--output", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUTPUT (without it, or --resume, a folder "
+                        "holding a run is refused)")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--run-name", default=None)
     p.add_argument("--workers", type=int, default=0,
@@ -385,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the sweep's base config, e.g. train.epochs=8")
     p.add_argument("--output", default=None, help="default: the sweep file's output")
     p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into an output that holds a finished sweep")
     p.add_argument("--no-mlflow", action="store_true")
     _valid(p, num_samples=Range(1))
     p.set_defaults(fn=cmd_tune)
@@ -458,7 +500,11 @@ def _device_valid():
     return Config.valid_values()["train.device"][1]
 
 
+_SIGTERM_SEEN = []
+
+
 def _on_sigterm(signum, frame):
+    _SIGTERM_SEEN.append(signum)  # a library (Ray Train) may re-raise it as a KeyboardInterrupt
     raise Terminated()
 
 
@@ -469,17 +515,18 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     # SIGTERM stops a command the way Ctrl-C does (checkpoint kept, MLflow run KILLED)
     main_thread = threading.current_thread() is threading.main_thread()
+    _SIGTERM_SEEN.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         check_args(args)
         args.fn(args)
     except CoregError as exc:
-        print(f"coreg-ray: error: {exc}", file=sys.stderr)
+        print(f"coreg-ray: error: {printable(exc)}", file=sys.stderr)
         return 2
     except Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGTERM if _SIGTERM_SEEN else 130
     finally:
         if main_thread:  # None: a handler not set from Python (restore the default)
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -4,7 +4,9 @@ Defaults are the paper's and, where it is silent, the authors' code for CIFAR. T
 is saved next to every run (`config.yaml`) and logged to MLflow.
 
 Every key declares its valid values where it is declared (`_key(default, Range(...))`,
-`Choices(...)`, `Pattern(...)`; booleans are true/false by type). They are checked in one
+`Choices(...)`, `Pattern(...)`; booleans are true/false by type); numbers have sane upper
+bounds too, so an absurd value (queue_size=1e12, lr=1e300) is one line, not an allocation or
+overflow traceback. They are checked in one
 place, `_Section.__setattr__`, so a value is checked however it arrives: a YAML file,
 `--set key=value`, a sweep's search space, an experiment file, or code assigning
 `cfg.train.epochs = n`. A bad value is one `CoregError` line naming the key, the value and the
@@ -182,7 +184,7 @@ class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
     # the backbones registered in coreg_ray.coreg.models.BACKBONES
     backbone: str = _key("preact_resnet18", Choices(_backbones, "backbone"))
-    proj_dim: int = _key(128, Range(1))
+    proj_dim: int = _key(128, Range(1, 8192))
 
 
 @dataclass
@@ -204,16 +206,16 @@ class DataConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     SECTION: ClassVar[str] = "train"
-    epochs: int = _key(800, Range(1))
+    epochs: int = _key(800, Range(1, 100_000))
     # may equal epochs (the warm-up-only method); check_schedule rejects warmup_epochs > epochs
-    warmup_epochs: int = _key(50, Range(0))
-    batch_size: int = _key(256, Range(1))
-    warmup_batch_size: int = _key(512, Range(1))
-    lr: float = _key(0.01, Range(0, lo_open=True))
-    lr_min: float = _key(1e-5, Range(0))
+    warmup_epochs: int = _key(50, Range(0, 100_000))
+    batch_size: int = _key(256, Range(1, 1 << 20))
+    warmup_batch_size: int = _key(512, Range(1, 1 << 20))
+    lr: float = _key(0.01, Range(0, 1000, lo_open=True))
+    lr_min: float = _key(1e-5, Range(0, 1000))
     momentum: float = _key(0.9, Range(0, 1, hi_open=True))
-    weight_decay: float = _key(5e-4, Range(0))
-    eval_batch_size: int = _key(2048, Range(1))
+    weight_decay: float = _key(5e-4, Range(0, 1))
+    eval_batch_size: int = _key(2048, Range(1, 1 << 20))
     seed: int = _key(0, SEED)
     device: str = _key("auto", Pattern(r"auto|cpu|mps|cuda(:\d+)?",
                                        "auto, cpu, mps, cuda or cuda:N"))
@@ -225,32 +227,32 @@ class TrainConfig(_Section):
     # small_cnn on this CPU ~1.8x faster per epoch.
     compile: bool = False
     # test-set evaluation every N epochs (and always at the end)
-    eval_every: int = _key(1, Range(1))
-    checkpoint_every: int = _key(1, Range(1))
+    eval_every: int = _key(1, Range(1, 100_000))
+    checkpoint_every: int = _key(1, Range(1, 100_000))
 
 
 @dataclass
 class CoRegConfig(_Section):
     SECTION: ClassVar[str] = "coreg"
-    sharpen_T: float = _key(0.5, Range(0, lo_open=True))
-    mixup_alpha: float = _key(4.0, Range(0, lo_open=True))  # Beta(alpha, alpha)
-    lambda_u: float = _key(1.0, Range(0))
-    rampup_epochs: int = _key(16, Range(0))
-    beta1: float = _key(0.1, Range(0))  # prototype alignment weight
-    beta2: float = _key(0.1, Range(0))  # noisy contrastive weight
+    sharpen_T: float = _key(0.5, Range(0, 100, lo_open=True))
+    mixup_alpha: float = _key(4.0, Range(0, 1000, lo_open=True))  # Beta(alpha, alpha)
+    lambda_u: float = _key(1.0, Range(0, 10_000))
+    rampup_epochs: int = _key(16, Range(0, 100_000))
+    beta1: float = _key(0.1, Range(0, 10_000))  # prototype alignment weight
+    beta2: float = _key(0.1, Range(0, 10_000))  # noisy contrastive weight
     # prototype/contrastive terms from epoch warmup_epochs + feature_delay + 1 on (-1: from
     # the first Co-Reg epoch)
-    feature_delay: int = _key(10, Range(-1))
+    feature_delay: int = _key(10, Range(-1, 100_000))
     proto_gamma: float = _key(0.999, Range(0, 1))
-    proto_temp: float = _key(0.3, Range(0, lo_open=True))  # T'
-    cont_temp: float = _key(0.07, Range(0, lo_open=True))  # T''
-    queue_size: int = _key(8192, Range(1))
+    proto_temp: float = _key(0.3, Range(0, 100, lo_open=True))  # T'
+    cont_temp: float = _key(0.07, Range(0, 100, lo_open=True))  # T''
+    queue_size: int = _key(8192, Range(1, 1 << 22))
     key_momentum: float = _key(0.999, Range(0, 1))
-    division_history: int = _key(5, Range(1))
+    division_history: int = _key(5, Range(1, 1000))
     p_threshold: float = _key(0.5, Range(0, 1))
-    gmm_max_iter: int = _key(10, Range(1))
-    gmm_tol: float = _key(1e-2, Range(0))
-    gmm_reg_covar: float = _key(5e-4, Range(0, lo_open=True))
+    gmm_max_iter: int = _key(10, Range(1, 100_000))
+    gmm_tol: float = _key(1e-2, Range(0, 1))
+    gmm_reg_covar: float = _key(5e-4, Range(0, 1, lo_open=True))
     distribution_alignment: bool = True
     # Not in the paper: min-max normalise the division loss within each (candidate-restricted)
     # predicted class before the GMM, so hard classes keep members in P. See benchmarks/.
@@ -261,7 +263,7 @@ class CoRegConfig(_Section):
     # (partial CE + negative entropy on the candidate sets) stays on as an extra term on the
     # unmixed strong views of P and U, with this weight.
     u_targets_in_candidates: bool = False
-    candidate_loss_weight: float = _key(0.0, Range(0))
+    candidate_loss_weight: float = _key(0.0, Range(0, 10_000))
     # agreement_gate: a P row whose candidate-restricted argmax differs between the two nets is
     # trained as a U row (MSE to the U-style target) and kept out of the prototypes.
     agreement_gate: bool = False
@@ -280,7 +282,7 @@ class CoRegConfig(_Section):
 class FewShotConfig(_Section):
     SECTION: ClassVar[str] = "fewshot"
     # true labels per class, trusted (candidate set = the label, always in P)
-    shots: int = _key(0, Range(0))
+    shots: int = _key(0, Range(0, 1_000_000))
     seed: int = _key(0, SEED)
 
 
@@ -398,6 +400,13 @@ def _coerce(name: str, value, hint):
     if base is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)  # also NumPy integers (sweep samples, computed values)
+        if isinstance(value, (str, float)):  # 1e6 (YAML reads it as a string) or 4096.0
+            try:
+                f = float(value)
+            except ValueError:
+                f = math.nan
+            if math.isfinite(f) and f.is_integer():
+                return int(f)
         raise CoregError(f"config key '{name}' must be an integer, got {value!r}")
     if base is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):

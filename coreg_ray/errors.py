@@ -28,9 +28,17 @@ def require(module: str, extra: str):
         ) from exc
 
 
+def printable(text) -> str:
+    """`text` safe for a terminal, on one line: control characters (ANSI escapes, newlines,
+    carriage returns: from class names, file names, ...) shown escaped (\\x1b, \\n), never
+    sent raw."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode()
+                   for c in str(text))
+
+
 def note(message: str) -> None:
     """A one-line note on stderr (`note: ...`): something the user should know that is not an
     error (e.g. how many images of a table were resized)."""
     import sys
 
-    print(f"note: {message}", file=sys.stderr)
+    print(f"note: {printable(message)}", file=sys.stderr)

@@ -153,3 +153,61 @@ def _default(v):
 
 def write_json_atomic(path, data, indent: int | None = 2) -> None:
     write_text_atomic(path, to_json(data, indent))
+
+
+def _as_local(p) -> Path | None:
+    """The resolved local path of an input or output (symlinks, `..` and relative parts
+    resolved), or None for what is not a local path (a URI, 'digits:train', an object)."""
+    if not isinstance(p, (str, os.PathLike)) or _SCHEME.match(str(p)) or str(p).strip() == "":
+        return None
+    return Path(p).expanduser().resolve()
+
+
+def check_not_input(output, inputs: dict, what: str = "--output") -> None:
+    """One line, before anything is read or written, when the output `output` would destroy
+    or be read back as one of `inputs` ({flag: path}): it is the same file (also through a
+    symlink or a hard link), or it lies inside an input folder (where a later read of the
+    folder would take it for input, or it would overwrite a file of it). URIs are compared as
+    strings; what is not a path (a built-in source) is skipped."""
+    out_s = str(output)
+    out = _as_local(output)
+    for flag, inp in inputs.items():
+        if inp is None or not isinstance(inp, (str, os.PathLike)):
+            continue
+        src = _as_local(inp)
+        if out is None or src is None:
+            if out_s.rstrip("/") == str(inp).rstrip("/"):
+                raise CoregError(f"{what} {output}: is the {flag} input; writing it would "
+                                 "destroy that input (give another path)")
+            continue
+        same = out == src or (out.exists() and src.exists() and os.path.samefile(out, src))
+        if same:
+            raise CoregError(f"{what} {output}: is the {flag} input {inp}; writing it would "
+                             "destroy that input (give another path)")
+        if src.is_dir() and out.is_relative_to(src):
+            raise CoregError(f"{what} {output}: lies inside the {flag} input folder {inp}, "
+                             "where it would be read back as input or overwrite it (write it "
+                             "outside that folder)")
+
+
+def check_replaceable_table(path, what: str = "--output") -> None:
+    """An output table may replace an existing Parquet file (an earlier result) or an empty
+    file, never another kind of file: one line instead of overwriting it."""
+    p = _as_local(path)
+    if p is None or not p.is_file() or p.stat().st_size == 0:
+        return
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return  # check_output_file says what is wrong with it
+    if magic != b"PAR1":
+        raise CoregError(f"{what} {path}: is an existing file that is not a Parquet table; "
+                         "it is not replaced (delete it or give another name)")
+
+
+def check_outputs_not_inputs(outputs: dict, inputs: dict) -> None:
+    """`check_not_input` for each of a command's outputs ({what: path})."""
+    for what, out in outputs.items():
+        if out is not None:
+            check_not_input(out, inputs, what)

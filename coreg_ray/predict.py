@@ -250,10 +250,18 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
         if compute_s > clock["first_result_s"]:
             summary["steady_images_per_s"] = round(
                 (sink.rows - clock["first_result_rows"]) / (compute_s - clock["first_result_s"]), 2)
-    from coreg_ray.data.tables import classes_differ, read_classes
+    from coreg_ray.data.tables import classes_differ, describe_classes, read_classes
 
-    pool_classes = read_classes(files[0])
-    if labels is not None and (pool_classes is None or not classes_differ(classes, pool_classes)):
+    # class names are always compared (a pool without classes.json is numbered 0..C-1)
+    pool_classes = read_classes(files[0]) or [str(i) for i in range(len(classes))]
+    if labels is not None and classes_differ(classes, pool_classes):
+        from coreg_ray.errors import note
+
+        summary["accuracy_note"] = (f"no accuracy: the pool's labels are of other classes "
+                                    f"({describe_classes(pool_classes)}) than the model's "
+                                    f"({describe_classes(classes)})")
+        note(summary["accuracy_note"])
+    elif labels is not None:
         scored = ~bad & (labels < len(classes))
         summary["accuracy"] = float((pred[scored] == labels[scored]).mean()) if scored.any() else None
         summary["accuracy_images"] = int(scored.sum())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +37,28 @@ def _refused_global(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _file_kind(p: Path) -> str | None:
+    """What a file that is not a torch.save archive is, when it can be told from its first
+    bytes (a TorchScript or exported program, a plain pickle), else None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+        if head[:2] == b"PK" and zipfile.is_zipfile(p):
+            names = zipfile.ZipFile(p).namelist()
+            if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in names):
+                return ("a TorchScript program (such as `coreg-ray export --format torchscript` "
+                        "writes), not a model.pt written by train: load it with torch.jit.load")
+            return None
+        if head[:1] == b"\x80" and _LEGACY_MAGIC not in head:  # (legacy torch.save: a magic)
+            return "a plain pickle file, not one torch.save wrote (refused: it is not loaded)"
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return None
+
+
 def load_state(path, map_location="cpu", what: str = "model/checkpoint",
                allow: Iterable = ()) -> Any:
     """`torch.load(path, map_location, weights_only=True)`, with the types in `allow` added to
@@ -48,8 +72,12 @@ def load_state(path, map_location="cpu", what: str = "model/checkpoint",
     p = Path(path)
     if not p.is_file():
         raise CoregError(f"{what} not found: {p}" if not p.exists() else f"{p}: not a file ({what})")
+    kind = _file_kind(p)
+    if kind is not None:  # say what it is, rather than "truncated"
+        raise CoregError(f"{p}: not a coreg-ray {what}: {kind}")
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's and the unpickler's: the line says it all
             return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # the weights-only unpickler refused something
         if re.search(r"Unsupported operand|invalid load key", str(exc)):  # not a pickle at all

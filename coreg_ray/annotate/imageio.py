@@ -51,14 +51,14 @@ def prepare_image(img, size: int, resize_mode: str = "shortest", interpolation: 
 def decode_image(blob, size: int, resize_mode="shortest", interpolation="bicubic",
                  fill_color=0) -> np.ndarray:
     """Encoded bytes (or an HF-style {'bytes': ...} dict) -> uint8 [size, size, 3]; raises on
-    unreadable data."""
-    from PIL import Image
+    unreadable data (or more pixels than `coreg_ray.data.pixels.max_pixels()`)."""
+    from coreg_ray.data.pixels import open_image
 
     if isinstance(blob, dict):
         blob = blob.get("bytes")
     if blob is None:
         raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(bytes(blob))) as im:
+    with open_image(io.BytesIO(bytes(blob))) as im:
         im.load()
         return prepare_image(im, size, resize_mode, interpolation, fill_color)
 

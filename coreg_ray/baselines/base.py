@@ -164,7 +164,8 @@ class BaselineTrainer:
                 stats.update({k: v / max(len(batches), 1) for k, v in zip(totals, vals)})
             stats.update(method.end_epoch(epoch))
             close_epoch(stats, epoch, lr, t0, cfg.train, data.device,
-                        (lambda: self.accuracy(*data.test)) if data.test is not None else None)
+                        (lambda: self.accuracy(*data.test)) if data.test is not None else None,
+                        getattr(method, "nets", ()))
             elapsed += stats["epoch_seconds"]
             self.history.append(stats)
             for cb in self.callbacks:

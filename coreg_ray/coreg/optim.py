@@ -38,10 +38,14 @@ def compile_nets(nets) -> None:
 
 
 def close_epoch(stats: dict, epoch: int, lr: float, t0: float, train_cfg, device,
-                evaluate=None) -> bool:
+                evaluate=None, nets=()) -> bool:
     """The end of every trainer's epoch: test pass on the eval_every schedule and at the last
     epoch (`evaluate()` -> accuracy; None without a test table), a device sync so the timing is
-    real, then epoch / lr / epoch_seconds. Returns whether this was the last epoch."""
+    real, then epoch / lr / epoch_seconds. Returns whether this was the last epoch. First, a
+    non-finite loss in `stats` or weight in `nets` stops training (`Diverged`, one line)."""
+    from coreg_ray.coreg.divergence import check_finite
+
+    check_finite(stats, epoch, nets, lr)
     last = epoch == train_cfg.epochs - 1
     if evaluate is not None and (last or (epoch + 1) % train_cfg.eval_every == 0):
         stats["test_accuracy"] = evaluate()

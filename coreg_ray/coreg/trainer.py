@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from coreg_ray.config import Config
 from coreg_ray.coreg.comm import LocalComm
+from coreg_ray.coreg.divergence import check_finite
 from coreg_ray.coreg.labels import (candidate_agreement, classwise_minmax, co_pseudo_labels,
                                     distribution_alignment,
                                     gmm_clean_probability, minmax_normalize, mixup,
@@ -157,7 +158,8 @@ class CoReg:
                 stats = self.divide(epoch)
                 stats.update(self.coreg_epoch(epoch))
             last = close_epoch(stats, epoch, lr, t0, cfg.train, self.device,
-                               (lambda: self.accuracy(*self.test)) if self.test is not None else None)
+                               (lambda: self.accuracy(*self.test)) if self.test is not None else None,
+                               self.raw_nets)  # a non-finite loss/weight: Diverged, no checkpoint
             self.elapsed += stats["epoch_seconds"]
             self.history.append(stats)
             if self.output_dir and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
@@ -260,6 +262,7 @@ class CoReg:
             hist.append(loss)
             del hist[:-c.division_history]
             avg = torch.stack(hist).mean(0).numpy()
+            check_finite({"loss_division": float(avg.sum())}, epoch)  # overflowed predictions
             w = gmm_clean_probability(avg, c.gmm_max_iter, c.gmm_tol, c.gmm_reg_covar,
                                       seed=self.cfg.train.seed)
             w = torch.as_tensor(w, dtype=torch.float32, device=self.device)

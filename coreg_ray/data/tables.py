@@ -107,11 +107,11 @@ def _to_rgb_array(img, size: int | None):
 
 def decode_images(blobs, ids, size: int | None, source: str, meta: dict | None = None) -> torch.Tensor:
     """Decode encoded images (bytes) into uint8 [N,3,H,W]; a bad blob fails naming its id."""
-    from PIL import Image
+    from coreg_ray.data.pixels import open_image
 
     def decode(i):
         try:
-            with Image.open(io.BytesIO(blobs[i])) as im:
+            with open_image(io.BytesIO(blobs[i])) as im:
                 im.load()
                 return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:  # PIL raises many types for corrupt data
@@ -356,7 +356,7 @@ def _load_digits(spec: str, size) -> ImageTable:
 
 
 def _load_folder(path: Path, size, limit, classes) -> ImageTable:
-    from PIL import Image
+    from coreg_ray.data.pixels import open_image
 
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
@@ -390,7 +390,7 @@ def _load_folder(path: Path, size, limit, classes) -> ImageTable:
 
     def decode(i):
         try:
-            with Image.open(files[i]) as im:
+            with open_image(files[i]) as im:
                 im.load()
                 return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:
@@ -452,18 +452,11 @@ def _load_torchvision(spec: str, size, limit) -> ImageTable:
 
 
 # ----------------------------------------------------------------------------- classes
-def _numbered(names) -> bool:
-    """Class names that are only positions ("0", "1", ...: a table without class names)."""
-    return list(names) == [str(i) for i in range(len(names))]
-
-
 def classes_differ(a, b) -> bool:
-    """Two class lists that cannot be the same classes: other counts, or other names where both
-    tables name their classes (a table without names, numbered "0".."C-1", matches by position)."""
-    a, b = list(a), list(b)
-    if len(a) != len(b):
-        return True
-    return a != b and not (_numbered(a) or _numbered(b))
+    """Two class lists that are not the same classes: other counts or other names, always
+    compared (a table without names is numbered "0".."C-1", which are also the names of the
+    digits: a model of digits is not one of CIFAR-10's ten classes)."""
+    return [str(c) for c in a] != [str(c) for c in b]
 
 
 def describe_classes(names, show: int = 4) -> str:

@@ -359,13 +359,18 @@ def spearman(a, b) -> float | None:
 
 # ---------------------------------------------------------------------------- driver
 def run_sweep(sweep: Sweep | str | os.PathLike, output=None, overrides=(), num_samples=None,
-              mlflow=True, ray_address=None, image_size=None, log=print) -> dict:
-    """Run a sweep; writes OUTPUT/sweep.json and OUTPUT/best/{config.yaml,model.pt}."""
+              mlflow=True, ray_address=None, image_size=None, log=print,
+              overwrite=False) -> dict:
+    """Run a sweep; writes OUTPUT/sweep.json and OUTPUT/best/{config.yaml,model.pt}. A
+    finished sweep in OUTPUT (its sweep.json) is one line unless `overwrite`."""
     sweep = sweep if isinstance(sweep, Sweep) else Sweep.load(sweep, overrides)
     if num_samples:
         sweep.num_samples = num_samples
     base_cfg = sweep.base_config()
     out = check_output_dir(output or sweep.output)  # before the data is read: nothing written
+    if (out / "sweep.json").exists() and not overwrite:  # a relaunch would rerun every trial
+        raise CoregError(f"{out} holds a finished sweep (sweep.json); give another --output, or "
+                         "--overwrite to run it again")
     train, ann, test, held = load_sweep_data(sweep, image_size)
     out.mkdir(parents=True, exist_ok=True)
     truth_key = "test_accuracy" if test is not None else ("val_accuracy" if train.labels is not None and len(held) else None)
