@@ -117,10 +117,12 @@ def test_float_ids_in_a_table_are_one_line_and_nothing_written(tmp_path, capsys)
     out = tmp_path / "out"
     for argv in (["annotate", "--images", str(tmp_path / "f.parquet"), "--annotator",
                   "clip:RN50/random", "--output", str(out / "a.parquet")],
-                 ["evaluate", "--model", str(tmp_path / "none.pt"), "--images", str(tmp_path / "f.parquet")]):
-        main(argv)
+                 ["synth", "--images", str(tmp_path / "f.parquet"), "--q", "0.1", "--eta", "0",
+                  "--output", str(out / "s.parquet")]):
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert "\n" not in err, err
+        assert err == (f"coreg-ray: error: {tmp_path / 'f.parquet'}: id column of type double "
+                       "(ids must be integers or strings; first value: 1.0)"), err
     assert not out.exists()
 
 

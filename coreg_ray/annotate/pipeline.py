@@ -166,7 +166,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                    engine: str = "ray", ray_address: str | None = None,
                    allow_download: bool | None = None, progress: bool = True,
                    llava=None) -> dict:
-    """Annotate a Parquet image table with one or more CLIP / LLaVA annotators (module doc).
+    """Annotate an image pool with one or more CLIP / LLaVA annotators (module doc).
 
     images_path: a pool (`coreg_ray.data.sources`): .parquet file, folder with train.parquet or
       of .parquet files, folder of image files, digits[:test], or an s3:// / gs:// URI.
