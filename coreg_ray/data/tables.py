@@ -359,7 +359,7 @@ def _load_digits(spec: str, size) -> ImageTable:
 def _load_folder(spec, size, limit, classes) -> ImageTable:
     """A folder of image files (`coreg_ray.data.sources.open_pool`), decoded once; ids are the
     files' relative paths. A file that cannot be decoded stops the load naming it."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from coreg_ray.data.sources import open_pool
 
@@ -371,7 +371,7 @@ def _load_folder(spec, size, limit, classes) -> ImageTable:
                          "a sub-folder named after its class")
 
     def decode(i):
-        rel = pool.ids[i]
+        rel, data = pool.ids[i], b""
         try:
             with pool.fs.open_input_stream(pool.paths[i]) as f:
                 data = f.read()
@@ -379,14 +379,23 @@ def _load_folder(spec, size, limit, classes) -> ImageTable:
                 im.load()
                 return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:
-            raise CoregError(f"{pool.spec}/{rel}: cannot be decoded ({type(exc).__name__}: "
-                             f"{exc})") from None
+            why = "empty file (0 bytes)" if isinstance(exc, UnidentifiedImageError) and \
+                not data else f"{type(exc).__name__}: {exc}".replace(f" {_bio(exc)}", "")
+            raise CoregError(f"{pool.spec}/{rel}: cannot be decoded ({why}); move it out of "
+                             "the folder (annotate and predict keep such files as error rows)") from None
 
     meta = {}
     images = _stack(decode, len(pool.ids), size, pool.spec, pool.ids, meta)
     table = ImageTable(images, pool.ids, pool.labels, list(names), pool.spec, meta)
     table.meta["files"] = list(pool.ids)
     return table
+
+
+def _bio(exc) -> str:
+    """The '<_io.BytesIO object at 0x...>' PIL puts in its messages (never the same twice)."""
+    import re
+    m = re.search(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", str(exc))
+    return m.group(0) if m else "\0"
 
 
 def _load_torchvision(spec: str, size, limit) -> ImageTable:
