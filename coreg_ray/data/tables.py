@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from coreg_ray.data.ids import as_ids, first_duplicate, id_text
-from coreg_ray.data.sources import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
+from coreg_ray.data.listing import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
 from coreg_ray.errors import CoregError, note
 
 
@@ -183,13 +183,13 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
             raise CoregError(f"image table not found: {spec}")
         table = _load_npz(path, image_size, classes)
     else:
-        from coreg_ray.data.sources import locate
+        from coreg_ray.data.listing import locate
 
-        kind, fs, paths, _root, loc = locate(spec, "this command")
+        kind, fs, paths, root, loc = locate(spec, "this command")
         if kind == "parquet":
             table = _load_parquet(fs, paths, loc, image_size, limit, classes)
         else:
-            table = _load_folder(spec, image_size, limit, classes)
+            table = _load_folder(loc, fs, root, image_size, limit, classes)
     if limit is not None and len(table) > limit:
         table = table.subset(np.arange(limit))
     return table
@@ -213,7 +213,7 @@ def open_image_parquet(path):
     readable Parquet or lacks the `id` / `image` columns."""
     import pyarrow.fs as pafs
 
-    from coreg_ray.data.sources import open_image_parquet as _open
+    from coreg_ray.data.listing import open_image_parquet as _open
     return _open(pafs.LocalFileSystem(), str(Path(path).absolute()), str(path))
 
 
@@ -221,7 +221,7 @@ def _load_parquet(fs, paths, loc, size, limit, classes) -> ImageTable:
     import pyarrow as pa
 
     from coreg_ray.data.location import filesystem_of
-    from coreg_ray.data.sources import open_image_parquet as _open, read_classes_at
+    from coreg_ray.data.listing import open_image_parquet as _open, read_classes_at
 
     shown = str(loc)
     parts, has_label = [], True
@@ -356,24 +356,25 @@ def _load_digits(spec: str, size) -> ImageTable:
     return table
 
 
-def _load_folder(spec, size, limit, classes) -> ImageTable:
-    """A folder of image files (`coreg_ray.data.sources.open_pool`), decoded once; ids are the
-    files' relative paths. A file that cannot be decoded stops the load naming it."""
+def _load_folder(loc, fs, root, size, limit, classes) -> ImageTable:
+    """A folder of image files (`coreg_ray.data.listing.list_folder`: the label rule of
+    `coreg_ray.data.sources`), decoded once; ids are the files' relative paths. A file that
+    cannot be decoded stops the load naming it."""
     from PIL import Image, UnidentifiedImageError
 
-    from coreg_ray.data.sources import open_pool
+    from coreg_ray.data.listing import list_folder
 
-    pool = open_pool(spec, "this command", classes, limit)
-    names = pool.classes
+    paths, ids, _, labels, names, _ = list_folder(loc, fs, root, classes, limit)
+    shown = str(loc)
     if names is None:
-        raise CoregError(f"{pool.spec}: no class sub-folders (an image lies directly in the "
+        raise CoregError(f"{shown}: no class sub-folders (an image lies directly in the "
                          "folder) and no classes.json: pass class names, or put each image in "
                          "a sub-folder named after its class")
 
     def decode(i):
-        rel, data = pool.ids[i], b""
+        rel, data = ids[i], b""
         try:
-            with pool.fs.open_input_stream(pool.paths[i]) as f:
+            with fs.open_input_stream(paths[i]) as f:
                 data = f.read()
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
@@ -381,13 +382,13 @@ def _load_folder(spec, size, limit, classes) -> ImageTable:
         except Exception as exc:
             why = "empty file (0 bytes)" if isinstance(exc, UnidentifiedImageError) and \
                 not data else f"{type(exc).__name__}: {exc}".replace(f" {_bio(exc)}", "")
-            raise CoregError(f"{pool.spec}/{rel}: cannot be decoded ({why}); move it out of "
+            raise CoregError(f"{shown}/{rel}: cannot be decoded ({why}); move it out of "
                              "the folder (annotate and predict keep such files as error rows)") from None
 
     meta = {}
-    images = _stack(decode, len(pool.ids), size, pool.spec, pool.ids, meta)
-    table = ImageTable(images, pool.ids, pool.labels, list(names), pool.spec, meta)
-    table.meta["files"] = list(pool.ids)
+    images = _stack(decode, len(ids), size, shown, ids, meta)
+    table = ImageTable(images, ids, labels, list(names), shown, meta)
+    table.meta["files"] = list(ids)
     return table
 
 
