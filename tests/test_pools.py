@@ -222,7 +222,7 @@ def test_annotate_a_folder_equals_its_parquet_copy(pool, tiny_clip_dirs, tmp_pat
     from coreg_ray.data.annotations import read_annotations
 
     spec = f"clip:local-dir:{tiny_clip_dirs[0]}"
-    rep = _annotate(pool["folder"], tmp_path / "f.parquet", spec)
+    rep = _annotate(pool["folder"], tmp_path / "f.parquet", spec, report=tmp_path / "rep")
     rep2 = _annotate(pool["parquet"], tmp_path / "p.parquet", spec)
     a, b = read_annotations(tmp_path / "f.parquet"), read_annotations(tmp_path / "p.parquet")
     good = [r for r in pool["rels"] if r not in BAD]
@@ -230,6 +230,9 @@ def test_annotate_a_folder_equals_its_parquet_copy(pool, tiny_clip_dirs, tmp_pat
     assert np.array_equal(a.candidates, b.candidates) and np.array_equal(a.votes, b.votes)
     assert np.allclose(a.probs, b.probs)
     assert sorted(r["id"] for r in rep["skipped_images"]) == sorted(BAD)
+    md = (tmp_path / "rep.md").read_text()
+    assert "| cat/broken.jpg | UnidentifiedImageError: cannot identify image file |" in md, md
+    assert "| dog/sub dir/empty.png | empty file (0 bytes) |" in md
     assert rep["rows_in_input"] == len(pool["rels"]) == rep2["rows_in_input"]
     assert pq.read_schema(tmp_path / "f.parquet").field("id").type == pa.string()
     # the folder's labels (class sub-folders named like the classes) score the report
