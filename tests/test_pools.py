@@ -305,3 +305,17 @@ def test_string_ids_resume_after_kill_9_with_every_id_once(pool, tiny_student, t
     assert t["id"] == pool["rels"] and len(set(t["id"])) == len(t["id"])
     summary = json.loads((tmp_path / "pred.parquet.summary.json").read_text())
     assert summary["shards_reused"] == 2 and summary["rows"] == len(pool["rels"])
+
+
+def test_predict_takes_a_built_in_source(tiny_student, tmp_path, digits):
+    """`predict --images digits:test` (refused before issue 21) labels the built-in rows with
+    their own int ids; the accuracy is evaluate's."""
+    from coreg_ray.coreg.classifier import Classifier
+    from coreg_ray.predict import run_predict
+
+    s = run_predict(tiny_student, "digits:test", tmp_path / "p.parquet", engine="local",
+                    progress=False)
+    t = pq.read_table(tmp_path / "p.parquet")
+    assert t.schema.field("id").type == pa.int64()
+    assert t.column("id").to_pylist() == digits[1].ids.tolist()
+    assert s["accuracy"] == Classifier.load(tiny_student, "cpu").evaluate(digits[1])["accuracy"]
