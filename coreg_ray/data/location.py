@@ -20,6 +20,7 @@ try (connect timeout 3 s, one attempt). ``gs://`` and other schemes go through
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 import posixpath
 import re
 from pathlib import Path
@@ -87,7 +88,7 @@ def _gcs(uri: str):
 
     parts = urlsplit(uri)
     q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    kw = {"retry_limit_seconds": 5.0}
+    kw = {"retry_time_limit": timedelta(seconds=5)}
     if q.get("anonymous", "").lower() in ("1", "true", "yes"):
         kw["anonymous"] = True
     elif not (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or
