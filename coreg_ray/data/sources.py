@@ -26,7 +26,9 @@ sub-folder that is not a given class, makes the whole folder an unlabelled pool.
 """
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -144,10 +146,14 @@ def _path_to_id(batch, root: str):
 
 
 def _display(pool: Pool, p: str) -> str:
+    """A file of the pool as the user named it: s3://BUCKET/KEY, or the local path under the
+    spec as given (relative stays relative, so plans and metadata read as they always did)."""
     if is_uri(pool.spec):
-        scheme = pool.spec.split("://", 1)[0]
-        return f"{scheme}://{p}"
-    return p
+        return f"{pool.spec.split('://', 1)[0]}://{p}"
+    given = Path(pool.spec)
+    if p == filesystem_of(given)[1]:
+        return str(given)
+    return str(given / posixpath.basename(p))
 
 
 def _read_or_error(fs, path):
@@ -177,7 +183,7 @@ def open_pool(spec, what: str = "this command", classes=None, limit: int | None 
         return Pool(str(spec), "builtin", ids=t.ids, labels=t.labels, classes=list(t.classes),
                     table=t)
     kind, fs, paths, root, loc = locate(spec, what)
-    shown = str(loc)
+    shown = str(loc) if is_uri(spec) else str(spec)  # a local path as given (messages, reports)
     if kind == "files":
         paths, ids, tops, labels, names, other = list_folder(loc, fs, root, classes, limit)
         return Pool(shown, "files", fs, paths, root, ids, labels, names, other, tops=tops)
