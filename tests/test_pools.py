@@ -319,3 +319,40 @@ def test_predict_takes_a_built_in_source(tiny_student, tmp_path, digits):
     assert t.schema.field("id").type == pa.int64()
     assert t.column("id").to_pylist() == digits[1].ids.tolist()
     assert s["accuracy"] == Classifier.load(tiny_student, "cpu").evaluate(digits[1])["accuracy"]
+
+
+@pytest.mark.slow
+def test_the_worked_example_from_a_folder_to_predictions(pool, tiny_clip_dirs, tmp_path, capsys):
+    """docs/your-pool.md's commands, through the CLI: annotate a folder, train on it (same path
+    ids), predict a folder; every row names its file."""
+    from coreg_ray.cli import main
+
+    photos = tmp_path / "photos"
+    shutil.copytree(pool["folder"], photos)
+    for b in BAD:  # train needs every file readable (docs: move such files out)
+        (photos / b).unlink()
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
+    assert main(["annotate", "--images", str(photos), "--annotator",
+                 f"clip:local-dir:{tiny_clip_dirs[0]}", "--classes", str(tmp_path / "classes.txt"),
+                 "--templates", str(_templates(tmp_path)), "--engine", "local",
+                 "--output", str(tmp_path / "ann.parquet")]) == 0
+    assert main(["train", "--images", str(photos), "--annotations", str(tmp_path / "ann.parquet"),
+                 "--output", str(tmp_path / "run"), "--no-mlflow", "--image-size", "16",
+                 "--set", "model.backbone=mlp", "--set", "train.epochs=2",
+                 "--set", "train.warmup_epochs=1", "--set", "train.batch_size=32",
+                 "--set", "train.warmup_batch_size=32", "--set", "coreg.queue_size=64",
+                 "--set", "data.hflip=false"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "run" / "model.pt"), "--images",
+                 str(pool["folder"]), "--engine", "local",
+                 "--output", str(tmp_path / "pred.parquet")]) == 0
+    t = _predict_table(tmp_path / "pred.parquet")
+    assert t["id"] == pool["rels"] and set(t["class_name"]) - {""} <= set(sorted(CLASSES))
+    summary = json.loads((tmp_path / "pred.parquet.summary.json").read_text())
+    assert summary["errors"] == 2 and summary["accuracy_images"] == len(pool["rels"]) - 2
+
+
+def _templates(tmp_path):
+    f = tmp_path / "templates.txt"
+    f.write_text("a photo of a {}.\na picture of a {}.\n")
+    return f
