@@ -50,8 +50,13 @@ def check_args(args) -> None:
                 raise CoregError(f"{flag}: {v!r} {what} (valid: {valid})")
 
 
-def _add_images(p, required=True, name="--images", help="image table: .parquet, folder, .npz, "
-                "'digits[:train|:test]' or 'torchvision:NAME:ROOT'"):
+POOL_HELP = ("image pool: .parquet, a folder of Parquet or image files, digits[:test], "
+             "s3://... (docs/your-pool.md)")
+
+
+def _add_images(p, required=True, name="--images", help="image table: .parquet, a folder of "
+                "Parquet or image files, .npz, 'digits[:train|:test]', 'torchvision:NAME:ROOT', "
+                "s3://... (docs/your-pool.md)"):
     p.add_argument(name, required=required, help=help)
 
 
@@ -373,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("annotate", help="VLM candidate labels through Ray Data (CLIP)")
-    p.add_argument("--images", required=True, help="Parquet image table (file or folder)")
+    p.add_argument("--images", required=True, help=POOL_HELP)
     p.add_argument("--annotator", action="append", required=True,
                    help="clip:MODEL[/PRETRAINED] (tag, weights path, local-dir:, hf-hub:, random); repeatable")
     p.add_argument("--output", required=True, help="annotation table (.parquet)")
@@ -456,10 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     _valid(p, parallel=Range(1))
     p.set_defaults(fn=cmd_experiment)
 
-    p = sub.add_parser("predict", help="label a Parquet image pool with a trained model.pt (Ray "
-                                       "Data actors; resumable shard by shard)")
+    p = sub.add_parser("predict", help="label an image pool (folder, Parquet, s3://) with a "
+                                       "trained model.pt (Ray Data actors; resumable shards)")
     _model_arg(p)
-    p.add_argument("--images", required=True, help="Parquet image pool (file or folder)")
+    p.add_argument("--images", required=True, help=POOL_HELP)
     p.add_argument("--output", required=True, help="predictions table (.parquet)")
     p.add_argument("--top-k", type=int, default=5, help="classes kept per image (best first)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the pool")

@@ -53,9 +53,30 @@ def _check_creatable(p: Path, what: str) -> None:
         raise CoregError(f"{what} {p}: cannot be written (no write permission in {anc})")
 
 
-def check_output_dir(path, what: str = "output folder") -> Path:
+def check_uri_output(path, what: str, folder: bool):
+    """An output on object storage / a pyarrow filesystem (`coreg_ray.data.location.UriPath`):
+    the filesystem answers (credentials, endpoint: one line within seconds otherwise) and the
+    place is not a file where a folder is wanted, or the reverse. Creates nothing."""
+    from coreg_ray.data.location import UriPath
+
+    loc = path if isinstance(path, UriPath) else UriPath(str(path))
+    if not folder and "/" not in loc.path.strip("/"):
+        raise CoregError(f"{what} {loc}: give a file inside a bucket (s3://BUCKET/NAME)")
+    if folder and loc.is_file():
+        raise CoregError(f"{what} {loc}: is a file, not a folder")
+    if not folder and loc.is_dir() and loc.list_files():
+        raise CoregError(f"{what} {loc}: is a folder, not a file")
+    return loc
+
+
+def check_output_dir(path, what: str = "output folder", uri_ok: bool = False):
     """A folder the command may write into: an existing writable folder, or a path whose
-    nearest existing ancestor is a writable folder. Creates nothing."""
+    nearest existing ancestor is a writable folder. Creates nothing. With `uri_ok`, an
+    s3:// / gs:// URI is checked with `check_uri_output` (returns a UriPath)."""
+    from coreg_ray.data.location import is_uri
+
+    if uri_ok and is_uri(path):
+        return check_uri_output(path, what, folder=True)
     check_local(path, what)
     p = Path(path)
     if str(path).strip() == "":
@@ -72,10 +93,14 @@ def check_output_dir(path, what: str = "output folder") -> Path:
     return p
 
 
-def check_output_file(path, what: str = "output file", hint: str = "") -> Path:
+def check_output_file(path, what: str = "output file", hint: str = "", uri_ok: bool = False):
     """A file the command may (over)write: not a folder; an existing file must be writable,
     a new one creatable. `hint` is added when the path is a folder (e.g. the name to give).
-    Creates nothing."""
+    Creates nothing. With `uri_ok`, a URI is checked with `check_uri_output`."""
+    from coreg_ray.data.location import is_uri
+
+    if uri_ok and is_uri(path):
+        return check_uri_output(path, what, folder=False)
     check_local(path, what)
     p = Path(path)
     if str(path).strip() == "":
@@ -98,7 +123,14 @@ def tmp_path(path) -> Path:
 @contextmanager
 def atomic_path(path):
     """`with atomic_path(p) as tmp: write(tmp)`: the parent folder is created, `tmp` is renamed
-    over `p` when the block completes and removed if it fails (whatever the exception)."""
+    over `p` when the block completes and removed if it fails (whatever the exception). For a
+    `UriPath` (object storage) `tmp` is a local temp file uploaded in one PUT when the block
+    completes: the object appears whole or not at all."""
+    from coreg_ray.data.location import UriPath
+
+    if isinstance(path, UriPath):
+        yield from _atomic_remote(path)
+        return
     p = Path(path)
     tmp = tmp_path(p)
     try:
@@ -111,6 +143,19 @@ def atomic_path(path):
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _atomic_remote(loc):
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="coreg-", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        loc.write_bytes(tmp.read_bytes())
+    finally:
+        _unlink(tmp)
 
 
 def _unlink(p: Path) -> None:

@@ -1,7 +1,9 @@
-"""Batch inference with a trained student: Parquet image pool -> predictions table.
+"""Batch inference with a trained student: an image pool -> predictions table.
 
     summary = run_predict("runs/cifar/model.pt", "pool/", "pool-predictions.parquet")
 
+The pool is any form `coreg_ray.data.sources` reads (Parquet, a folder of image files whose ids
+are their relative paths, a built-in source, an s3:// / gs:// URI); OUTPUT may be a URI too.
 The same stream as annotation (`coreg_ray.streaming`): Ray Data reads the pool, decodes on CPU
 tasks and runs `StudentPredictor` on an actor pool (one GPU per actor when the cluster has GPUs;
 on CPU one actor per core, at most 8, the cores shared out as torch threads). ``engine="local"``
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +35,11 @@ import numpy as np
 
 from coreg_ray.coreg.classifier import pool_prep
 from coreg_ray.errors import CoregError
+from coreg_ray.data.ids import arrow_ids, as_ids, concat_ids, ids_digest, json_ids
+from coreg_ray.data.location import read_table, rmtree
 from coreg_ray.streaming import (ShardCollector, ShardPlan, actor_resources, consume,
-                                 fingerprint, has_shards, input_files, local_stream,
-                                 pending_shards, ray_stream, read_index, shard_path)
+                                 fingerprint, has_shards, local_stream, open_input,
+                                 pending_shards, ray_stream, shard_path)
 
 PLAN_FILE = "plan.json"
 COLUMNS = ("id", "label", "confidence", "top_k_labels", "top_k_probs", "error")
@@ -67,7 +70,7 @@ class StudentPredictor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        ids = np.asarray(batch["id"], np.int64)
+        ids = as_ids(batch["id"], "predict")
         n, k = len(ids), self.top_k
         errors = np.asarray([("" if e is None else str(e)) for e in batch["error"]], dtype=object)
         out = {"id": ids, "label": np.full(n, -1, np.int64), "confidence": np.zeros(n, np.float32),
@@ -97,7 +100,7 @@ def write_predictions(cols: dict, path: Path, classes: list[str], meta: dict) ->
     label = np.asarray(cols["label"], np.int64)
     names = np.asarray(classes + [""], dtype=object)[np.where(label < 0, len(classes), label)]
     table = pa.table({
-        "id": pa.array(cols["id"], pa.int64()),
+        "id": arrow_ids(cols["id"]),
         "label": pa.array(label, pa.int32()),
         "class_name": pa.array(names.tolist(), pa.string()),
         "confidence": pa.array(np.asarray(cols["confidence"], np.float32)),
@@ -123,10 +126,9 @@ def _write_table(table, path: Path, meta: dict) -> None:
 
 def _read_shards(parts: Path, plan: ShardPlan, source: str):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(shard_path(parts, s)) for s in range(plan.num_shards)])
-    ids = table.column("id").to_numpy()
+    table = pa.concat_tables([read_table(shard_path(parts, s)) for s in range(plan.num_shards)])
+    ids = as_ids(table.column("id"), source)
     if not plan.covers(ids):
         raise CoregError(f"{source}: the shards in {parts} do not cover every id exactly once; "
                          "delete the folder (or pass restart=True) and run again")
@@ -154,26 +156,26 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
         if v is not None and (not isinstance(v, int) or v < lo):
             raise CoregError(f"{name} must be an integer >= {lo}, got {v!r}")
     output = check_output_file(output, "--output", " (give the predictions table's file name, "
-                               "e.g. DIR/predictions.parquet)")
+                               "e.g. DIR/predictions.parquet)", uri_ok=True)
     summary_path = output.with_name(output.name + ".summary.json")
-    check_output_file(summary_path, "summary file")
-    parts = check_output_dir(output.with_name(output.name + ".parts"), "shard folder")
+    check_output_file(summary_path, "summary file", uri_ok=True)
+    parts = check_output_dir(output.with_name(output.name + ".parts"), "shard folder", uri_ok=True)
     state = safeload.load_state(model, "cpu", "model")  # one line for any unreadable file
     check_model_state(state, str(model))
     classes, size = list(state["classes"]), int(state["image_size"])
     top_k = min(top_k, len(classes))
 
-    files = input_files(images, "predict")
-    ids, labels = read_index(files)
+    pool = open_input(images, "predict", classes)
+    ids, labels = pool.ids, pool.labels_for(classes)
     if limit is not None:
         ids, labels = ids[:limit], (None if labels is None else labels[:limit])
     plan = ShardPlan(ids, shard_size)
     model_sha1 = hashlib.sha1(Path(model).read_bytes()).hexdigest()
-    settings = {"ids_sha1": hashlib.sha1(ids.tobytes()).hexdigest(), "num_rows": int(len(ids)),
+    settings = {"ids_sha1": ids_digest(ids), "num_rows": int(len(ids)),
                 "shard_size": plan.shard_size, "model_sha1": model_sha1, "top_k": top_k}
     tag = fingerprint(settings)
     if restart and parts.exists():
-        shutil.rmtree(parts)
+        rmtree(parts)
     plan_file = parts / PLAN_FILE
     if plan_file.exists() and has_shards(parts):
         try:
@@ -187,7 +189,7 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
     created = not parts.exists()
     parts.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_file, json.dumps(dict(settings, model=str(model),
-                                                 files=[str(f) for f in files]), indent=1))
+                                                 files=pool.files), indent=1))
 
     pending = pending_shards(parts, plan, tag)
     prep = pool_prep(size)  # as load_image_table decodes, so labels are evaluate's
@@ -195,11 +197,11 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
             "plan": tag}
     clock, res, started_ray, ray_mod = {}, None, False, None
     sink = ShardCollector(plan, pending, COLUMNS, _write_shard(parts, meta, classes),
-                          source=str(images))
+                          source=pool.spec)
     try:
         if pending:
             kwargs = {"state": state, "top_k": top_k, "source": str(model)}
-            keep = np.concatenate([plan.shard_ids(s) for s in pending]) \
+            keep = concat_ids([plan.shard_ids(s) for s in pending], ids) \
                 if limit is not None or len(pending) < plan.num_shards else None
             if engine == "ray":
                 from coreg_ray.runs import start_ray
@@ -207,10 +209,10 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
                 ray_mod, started_ray = start_ray(ray_address, logging_level=None)
                 res = actor_resources(ray_mod, num_actors, actor_cpus, use_gpu)
                 bs = batch_size or (1024 if res["gpu"] else CPU_BATCH)
-                batches = ray_stream(files, None, prep, StudentPredictor, kwargs, bs, res, keep)
+                batches = ray_stream(pool, None, prep, StudentPredictor, kwargs, bs, res, keep)
             else:
                 bs = batch_size or CPU_BATCH
-                batches = local_stream(files, None, prep, StudentPredictor,
+                batches = local_stream(pool, None, prep, StudentPredictor,
                                        dict(kwargs, num_threads=None), bs, keep)
             bar = None
             if progress:
@@ -221,23 +223,23 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
             consume(batches, sink, bar, clock, len(pending))
     except BaseException:
         if not has_shards(parts) and created:  # nothing finished: leave nothing behind
-            shutil.rmtree(parts, ignore_errors=True)
+            rmtree(parts)
         raise
     finally:
         if started_ray:
             ray_mod.shutdown()
     compute_s = time.time() - clock["t0"] if "t0" in clock else 0.0
 
-    table = _read_shards(parts, plan, str(images))
+    table = _read_shards(parts, plan, pool.spec)
     _write_table(table, output, {k: v for k, v in meta.items() if k != "plan"} |
-                 {"source": str(images)})
+                 {"source": pool.spec})
     pred = table.column("label").to_numpy()
     bad = table.column("error").to_numpy(zero_copy_only=False) != ""
     hist = np.bincount(pred[~bad], minlength=len(classes))
     summary = {
-        "model": str(model), "images": str(images), "output": str(output),
+        "model": str(model), "images": pool.spec, "output": str(output),
         "rows": int(len(ids)), "predicted": int((~bad).sum()), "errors": int(bad.sum()),
-        "error_ids": [int(i) for i in table.column("id").to_numpy()[bad][:20]],
+        "error_ids": json_ids(as_ids(table.column("id"), pool.spec)[bad][:20]),
         "class_histogram": {classes[c]: int(hist[c]) for c in range(len(classes))},
         "shards_computed": sink.written, "shards_reused": plan.num_shards - len(pending),
         "images_computed": sink.rows, "batches": clock.get("batches", 0),
@@ -250,18 +252,17 @@ def run_predict(model, images, output, *, batch_size: int | None = None,
         if compute_s > clock["first_result_s"]:
             summary["steady_images_per_s"] = round(
                 (sink.rows - clock["first_result_rows"]) / (compute_s - clock["first_result_s"]), 2)
-    from coreg_ray.data.tables import classes_differ, describe_classes, read_classes
+    from coreg_ray.data.tables import describe_classes
 
-    # class names are always compared (a pool without classes.json is numbered 0..C-1)
-    pool_classes = read_classes(files[0]) or [str(i) for i in range(len(classes))]
-    if labels is not None and classes_differ(classes, pool_classes):
+    if labels is None and pool.labels is not None:  # labelled, but with other classes
         from coreg_ray.errors import note
 
+        pool_classes = pool.classes or [str(i) for i in range(len(classes))]
         summary["accuracy_note"] = (f"no accuracy: the pool's labels are of other classes "
                                     f"({describe_classes(pool_classes)}) than the model's "
                                     f"({describe_classes(classes)})")
         note(summary["accuracy_note"])
-    elif labels is not None:
+    if labels is not None:  # the pool's own labels, for these classes (Pool.labels_for)
         scored = ~bad & (labels < len(classes))
         summary["accuracy"] = float((pred[scored] == labels[scored]).mean()) if scored.any() else None
         summary["accuracy_images"] = int(scored.sum())

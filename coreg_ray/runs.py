@@ -401,7 +401,9 @@ def check_tracking_store(cfg, timeout: float = 5.0) -> None:
 def run_title(images, cfg, *extra: str) -> str:
     """The title of a run's curves.png: its images (a path, or "images" for a table in memory),
     backbone and seed, then `extra` parts."""
-    name = str(images) if isinstance(images, (str, Path)) else "images"
+    from coreg_ray.data.location import redact
+
+    name = redact(images) if isinstance(images, (str, Path)) else "images"
     return " · ".join([name, cfg.model.backbone, f"seed {cfg.train.seed}", *extra])
 
 

@@ -1,15 +1,15 @@
-"""Batch inference over Parquet image tables, shard by shard: what `annotate`
+"""Batch inference over image pools (`coreg_ray.data.sources`), shard by shard: what `annotate`
 (`coreg_ray.annotate.pipeline`) and `predict` (`coreg_ray.predict`) have in common.
 
-    files = input_files("pool/")                  # a .parquet file or a folder of them
-    ids, labels = read_index(files)               # every id once, in file order
+    pool = open_input("pool/")                    # Parquet, a folder of images, s3://, digits
+    ids, labels = pool.ids, pool.labels           # every id once, in pool order
     plan = ShardPlan(ids, shard_size=4096)        # rows cut into fixed-size shards
     sink = ShardCollector(plan, pending, columns, write_shard, source="pool/")
-    for batch in ray_stream(files, skip, prep, ActorClass, kwargs, batch_size, res):
+    for batch in ray_stream(pool, skip, prep, ActorClass, kwargs, batch_size, res):
         sink.add(batch)                           # a shard is written the moment it is complete
     sink.finish()
 
-The stream is Ray Data: ``read_parquet`` -> decode + resize on CPU tasks (NumPy + Pillow, no
+The stream is Ray Data: ``read_parquet`` / ``read_binary_files`` (the pool's own reader) -> decode + resize on CPU tasks (NumPy + Pillow, no
 torch) -> a callable class on an actor pool (one model per actor) -> the driver. Blocks are
 kept to about one batch, so the first results reach the driver after one batch per actor, not
 after the first ~128 MiB of decoded pixels. `local_stream` runs the same steps in this process.
@@ -24,69 +24,17 @@ from typing import Callable
 
 import numpy as np
 
+from coreg_ray.data.ids import as_ids, concat_ids, id_text, is_string_ids, same_kind
+from coreg_ray.data.location import filesystem_of, has_files
 from coreg_ray.errors import CoregError, require
 
 
 # ----------------------------------------------------------------------------- input
-def input_files(images_path, what: str = "annotate") -> list[Path]:
-    """A .parquet file; a folder with train.parquet (as `load_image_table`); or a folder of
-    .parquet files (all of them, sorted by name)."""
-    if isinstance(images_path, (list, tuple)):
-        files = [Path(p) for p in images_path]
-        for f in files:
-            if not f.is_file():
-                raise CoregError(f"image table not found: {f}")
-        return files
-    from coreg_ray.outputs import check_local
-
-    check_local(images_path, "image table")
-    p = Path(images_path)
-    spec = str(images_path)
-    if not p.exists() and (spec.split(":")[0] == "digits" or spec.startswith("torchvision:")):
-        raise CoregError(f"{spec}: {what} reads Parquet image tables (a .parquet file or a "
-                         "folder of them), not built-in sources; write it as one first with "
-                         "coreg_ray.data.write_image_table(load_image_table(...), PATH)")
-    if not p.exists():
-        raise CoregError(f"image table not found: {p} ({what} reads a .parquet file, a folder "
-                         "with train.parquet, or a folder of .parquet files)")
-    if p.is_dir():
-        if (p / "train.parquet").is_file():
-            return [p / "train.parquet"]
-        files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and f.is_file())
-        if not files:
-            raise CoregError(f"{p}: no image table found: looked for train.parquet and for "
-                             f".parquet files in the folder ({what} reads Parquet image "
-                             "tables; write other sources with coreg_ray.data.write_image_table)")
-        return files
-    if p.suffix != ".parquet":
-        raise CoregError(f"{p}: {what} reads Parquet image tables (id, image[, label])")
-    return [p]
-
-
-def read_index(files: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
-    """All ids (and labels where every file has a complete label column), in file order."""
-    from coreg_ray.data.tables import open_image_parquet
-
-    ids, labels, with_labels = [], [], True
-    for f in files:
-        pf, cols = open_image_parquet(f)
-        want = ["id"] + (["label"] if "label" in cols and with_labels else [])
-        tbl = pf.read(columns=want)
-        if tbl.column("id").null_count:
-            raise CoregError(f"{f}: column 'id' has {tbl.column('id').null_count} empty values")
-        ids.append(tbl.column("id").to_numpy().astype(np.int64))
-        if "label" in want and tbl.column("label").null_count == 0:
-            labels.append(tbl.column("label").to_numpy().astype(np.int64))
-        else:
-            with_labels = False
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if len(ids) == 0:
-        raise CoregError(f"{files[0]}: no images")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise CoregError(f"{files[0]}: id {int(uniq[counts > 1][0])} appears more than once "
-                         f"({int((counts > 1).sum())} duplicated ids)")
-    return ids, (np.concatenate(labels) if with_labels else None)
+def open_input(images_path, what: str = "annotate", classes=None):
+    """The pool to stream (`coreg_ray.data.sources.open_pool`): a Parquet table or folder of
+    them, a folder of image files, a built-in source, or a URI of one of these."""
+    from coreg_ray.data.sources import open_pool
+    return open_pool(images_path, what, classes)
 
 
 # ----------------------------------------------------------------------------- plan / shards
@@ -96,19 +44,28 @@ class ShardPlan:
     def __init__(self, ids: np.ndarray, shard_size: int):
         if shard_size < 1:
             raise CoregError(f"shard_size must be >= 1, got {shard_size}")
-        self.ids = ids
+        self.ids = ids = as_ids(ids, "ids")
         self.shard_size = int(shard_size)
         self.num_shards = math.ceil(len(ids) / self.shard_size)
         self._order = np.argsort(ids, kind="stable")
         self._sorted = ids[self._order]
 
+    def _like(self, ids) -> np.ndarray:
+        ids = as_ids(ids, "ids")
+        if len(ids) and not same_kind(ids, self.ids):
+            raise CoregError(f"id {id_text(ids[0])} is not in the input (the input's ids are "
+                             f"{'strings' if is_string_ids(self.ids) else 'integers'})")
+        return ids
+
     def position(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
+        ids = self._like(ids)
+        if len(ids) == 0:
+            return np.zeros(0, np.int64)
         i = np.searchsorted(self._sorted, ids)
         i = np.clip(i, 0, len(self._sorted) - 1)
-        if len(ids) and (self._sorted[i] != ids).any():
-            bad = ids[self._sorted[i] != ids][0]
-            raise CoregError(f"id {int(bad)} is not in the input")
+        miss = self._sorted[i] != ids
+        if miss.any():
+            raise CoregError(f"id {id_text(ids[miss][0])} is not in the input")
         return self._order[i]
 
     def shard_of(self, ids) -> np.ndarray:
@@ -119,27 +76,31 @@ class ShardPlan:
 
     def covers(self, ids) -> bool:
         """Whether `ids` hold every id of the plan exactly once."""
-        ids = np.asarray(ids, np.int64)
-        return len(ids) == len(self.ids) and np.array_equal(np.sort(ids), self._sorted)
+        ids = as_ids(ids, "ids")
+        if len(ids) != len(self.ids) or not same_kind(ids, self.ids):
+            return len(ids) == len(self.ids) == 0
+        return bool(np.array_equal(np.sort(ids), self._sorted))
 
     def skip_ids(self, pending) -> np.ndarray | None:
         """The ids of the shards not in `pending` (already finished), or None."""
         pend = set(pending)
         if len(pend) == self.num_shards:
             return None
-        return np.concatenate([self.shard_ids(s) for s in range(self.num_shards) if s not in pend])
+        return concat_ids([self.shard_ids(s) for s in range(self.num_shards) if s not in pend],
+                          self.ids)
 
 
 def fingerprint(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def has_shards(parts_root: Path) -> bool:
-    """Whether any finished shard is in the parts folder (or below it)."""
-    return parts_root.is_dir() and any(parts_root.rglob("shard-*.parquet"))
+def has_shards(parts_root) -> bool:
+    """Whether any finished shard is in the parts folder (or below it; a local folder or a
+    bucket prefix)."""
+    return has_files(parts_root, "shard-", ".parquet")
 
 
-def shard_path(parts: Path, k: int) -> Path:
+def shard_path(parts, k: int):
     return parts / f"shard-{k:05d}.parquet"
 
 
@@ -149,7 +110,8 @@ def shard_plan_tag(path: Path) -> str | None:
 
     from coreg_ray.data.annotations import META_KEY
     try:
-        meta = pq.read_schema(path).metadata or {}
+        fs, p = filesystem_of(path)
+        meta = pq.read_schema(p, filesystem=fs).metadata or {}
         return json.loads(meta.get(META_KEY, b"{}")).get("plan")
     except Exception:
         return None
@@ -177,13 +139,13 @@ class ShardCollector:
         self.rows = 0
 
     def add(self, batch: dict) -> int:
-        ids = np.asarray(batch["id"], np.int64)
+        ids = as_ids(batch["id"], self.source)
         if len(ids) == 0:
             return 0
         errors = np.asarray(batch["error"], dtype=object)
         if self.on_bad_image == "fail" and (errors != "").any():
             i = int(np.flatnonzero(errors != "")[0])
-            raise CoregError(f"{self.source}: image of row id {ids[i]} cannot be decoded "
+            raise CoregError(f"{self.source}: image of row id {id_text(ids[i])} cannot be decoded "
                              f"({errors[i]}); without --fail-on-bad-image (on_bad_image='skip') "
                              "unreadable images are skipped and reported")
         shards = self.plan.shard_of(ids)
@@ -269,7 +231,7 @@ def coreg_cause(exc: BaseException) -> CoregError | None:
     return None
 
 
-def ray_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep=None):
+def ray_stream(pool, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep=None):
     """Ray Data: read -> decode (CPU tasks) -> `actor_cls(**actor_kwargs, num_threads=...)` on an
     actor pool -> NumPy batches on the driver, in the order they finish. Rows whose id is in
     `skip` (or, with `keep`, not in it) are dropped before decoding."""
@@ -294,13 +256,11 @@ def ray_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep
         ctx.target_max_block_size = max(1024, int(batch_size) * size * size * 3 // 2)
     try:
         tasks = res.get("decode_tasks")
-        pool = {} if tasks is None else {"compute": ray.data.TaskPoolStrategy(size=int(tasks))}
-        ds = ray.data.read_parquet([str(f) for f in files], num_cpus=res["decode_cpus"],
-                                   **({} if tasks is None else {"concurrency": int(tasks)}))
-        ds = ds.select_columns(["id", "image"])
+        compute = {} if tasks is None else {"compute": ray.data.TaskPoolStrategy(size=int(tasks))}
+        ds = pool.ray_dataset(ray, res["decode_cpus"], tasks, keep=keep, skip=skip)
         ds = ds.map_batches(decode_udf, fn_kwargs={"prep": prep, "skip": skip, "keep": keep},
                             batch_size=batch_size, batch_format="numpy",
-                            num_cpus=res["decode_cpus"], **pool)
+                            num_cpus=res["decode_cpus"], **compute)
         remote = {"num_cpus": res["actor_cpus"]}
         if res["gpu"]:
             remote["num_gpus"] = res.get("num_gpus", 1)
@@ -316,26 +276,21 @@ def ray_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, res, keep
             setattr(ctx, a, v)
 
 
-def local_stream(files, skip, prep, actor_cls, actor_kwargs, batch_size, keep=None):
+def local_stream(pool, skip, prep, actor_cls, actor_kwargs, batch_size, keep=None):
     """The same steps in this process, without Ray (stops reading once every id in `keep` was
     seen)."""
-    import pyarrow.parquet as pq
-
     from coreg_ray.annotate.imageio import decode_udf
 
     model = actor_cls(**actor_kwargs)
     left = None if keep is None else len(keep)
-    for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image"]):
-            batch = {"id": rb.column(0).to_numpy().astype(np.int64),
-                     "image": np.asarray(rb.column(1).to_pylist(), dtype=object)}
-            dec = decode_udf(batch, prep, skip, keep)
-            if len(dec["id"]):
-                yield model(dec)
-                if left is not None:
-                    left -= len(dec["id"])
-            if left is not None and left <= 0:
-                return
+    for batch in pool.iter_raw(batch_size, keep=keep, skip=skip):
+        dec = decode_udf(batch, prep, skip, keep)
+        if len(dec["id"]):
+            yield model(dec)
+            if left is not None:
+                left -= len(dec["id"])
+        if left is not None and left <= 0:
+            return
 
 
 def consume(batches, sink: ShardCollector, bar=None, timing: dict | None = None,

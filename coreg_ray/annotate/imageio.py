@@ -63,6 +63,18 @@ def decode_image(blob, size: int, resize_mode="shortest", interpolation="bicubic
         return prepare_image(im, size, resize_mode, interpolation, fill_color)
 
 
+def _error_text(exc, blob) -> str:
+    """Why an image could not be decoded, the same text on every run (no object addresses)."""
+    import re
+
+    if isinstance(blob, dict):
+        blob = blob.get("bytes")
+    if blob is not None and len(blob) == 0:
+        return "empty file (0 bytes)"
+    text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", f"{type(exc).__name__}: {exc}")
+    return text.replace("\n", " ")[:300]
+
+
 def decode_batch_bytes(blobs, ids, prep: dict) -> tuple[np.ndarray, np.ndarray]:
     """Decode a batch; unreadable images become zeros with an error string (never raises)."""
     size = prep["size"]
@@ -73,7 +85,7 @@ def decode_batch_bytes(blobs, ids, prep: dict) -> tuple[np.ndarray, np.ndarray]:
             out[i] = decode_image(blob, size, prep["resize_mode"], prep["interpolation"],
                                   prep["fill_color"])
         except Exception as exc:  # PIL raises many types for corrupt data
-            errors[i] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+            errors[i] = _error_text(exc, blob)
     return out, errors
 
 
@@ -81,7 +93,9 @@ def decode_udf(batch: dict, prep: dict, skip=None, keep=None) -> dict:
     """Ray Data CPU task: drop the rows whose id is in `skip` (finished shards) or, with `keep`,
     not in it (the rows still to do); decode and resize the rest to uint8 [B, S, S, 3] `pixels`
     (bad images get an `error` string)."""
-    ids = np.asarray(batch["id"], np.int64)
+    from coreg_ray.data.ids import as_ids
+
+    ids = as_ids(batch["id"], "pool")
     blobs = batch["image"]
     if (skip is not None and len(skip)) or keep is not None:
         sel = np.isin(ids, keep) if keep is not None else ~np.isin(ids, skip)
@@ -97,7 +111,9 @@ def annotator_batch(batch: dict, prep: dict, who: str, num_templates: int, num_c
     `error`. Returns (pixels, out, ok): annotate `pixels[ok]` and write into `out` at `ok`."""
     from coreg_ray.errors import CoregError
 
-    ids = np.asarray(batch["id"], dtype=np.int64)
+    from coreg_ray.data.ids import as_ids
+
+    ids = as_ids(batch["id"], who)
     n = len(ids)
     errors = batch.get("error")
     errors = np.full(n, "", dtype=object) if errors is None else \

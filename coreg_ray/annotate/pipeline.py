@@ -1,4 +1,4 @@
-"""The annotation pipeline: Parquet image table -> annotation table (+ quality report).
+"""The annotation pipeline: an image pool -> annotation table (+ quality report).
 
     run_annotation("data/train.parquet", ["clip:ViT-B-32/openai"], "ann.parquet",
                    report="ann-report")
@@ -8,7 +8,11 @@
 Annotators: ``clip:MODEL[/PRETRAINED]`` (`coreg_ray.annotate.clip`) and ``llava:PATH_OR_HF_ID``
 (`coreg_ray.annotate.llava`: a vLLM engine per actor, run from the separate vLLM environment).
 
-Engine ``ray`` (default) is a Ray Data stream: ``read_parquet`` -> decode + resize on CPU tasks
+The pool is any form `coreg_ray.data.sources` reads: a Parquet table or folder of them, a folder
+of image files (ids: the files' relative paths), a built-in source, or an s3:// / gs:// URI;
+OUTPUT (and its shards) may be a URI too.
+
+Engine ``ray`` (default) is a Ray Data stream: the pool's reader -> decode + resize on CPU tasks
 -> `ClipAnnotator` / `LlavaAnnotator` on an actor pool (CLIP: one GPU per actor when the
 cluster has GPUs; LLaVA: ``tensor_parallel_size`` GPUs per engine actor; on CPU a share of the
 CPUs, always leaving one CPU to the read/decode tasks) -> the driver, which writes finished
@@ -28,9 +32,7 @@ merged with `merge_annotations`: ``merge="union"`` (default) or ``"min_votes:N"`
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -41,9 +43,11 @@ from coreg_ray.annotate.templates import resolve_classes, resolve_templates
 from coreg_ray.data.annotations import (AnnotationTable, merge_annotations,
                                         read_annotations, write_annotations)
 from coreg_ray.errors import CoregError
+from coreg_ray.data.ids import concat_ids, ids_digest, ids_from_list, json_id
+from coreg_ray.data.location import rmtree
 from coreg_ray.streaming import (ShardCollector, ShardPlan, actor_resources, consume,
-                                 coreg_cause, fingerprint, has_shards, input_files,
-                                 local_stream, pending_shards, ray_stream, read_index, shard_path)
+                                 coreg_cause, fingerprint, has_shards, local_stream, open_input,
+                                 pending_shards, ray_stream, shard_path)
 
 PLAN_FILE = "plan.json"
 OUT_COLUMNS = ("id", "votes", "candidates", "probs", "error")
@@ -51,19 +55,14 @@ OUT_COLUMNS = ("id", "votes", "candidates", "probs", "error")
 
 # ----------------------------------------------------------------------------- input / shards
 # (the parts every batch-inference stream shares live in coreg_ray.streaming)
-def _default_classes(files: list[Path]):
-    from coreg_ray.data.tables import read_classes
-    return read_classes(files[0])
-
-
 def _write_shard(parts: Path, meta: dict, save_probs: bool):
     """`ShardCollector`'s writer for annotation shards: a valid annotation table each, the
     unreadable images listed in its metadata."""
     def write(s: int, cols: dict) -> None:
         bad = cols["error"] != ""
         ok = ~bad
-        skipped = [{"id": int(i), "error": str(e)} for i, e in zip(cols["id"][bad], cols["error"][bad])]
-        table = AnnotationTable(cols["id"][ok].astype(np.int64), cols["candidates"][ok].astype(bool),
+        skipped = [{"id": json_id(i), "error": str(e)} for i, e in zip(cols["id"][bad], cols["error"][bad])]
+        table = AnnotationTable(cols["id"][ok], cols["candidates"][ok].astype(bool),
                                 cols["votes"][ok].astype(np.int64),
                                 cols["probs"][ok].astype(np.float32) if save_probs else None,
                                 dict(meta, shard=s, skipped=skipped))
@@ -75,15 +74,15 @@ def _load_annotator_table(parts: Path, plan: ShardPlan, k: int, c: int, source: 
     """Concatenate all shards -> (AnnotationTable in input order, skipped [{id, error}])."""
     ids, cand, votes, probs, skipped, meta = [], [], [], [], [], {}
     for s in range(plan.num_shards):
-        t = read_annotations(shard_path(parts, s), c)
+        t = read_annotations(shard_path(parts, s), c)  # a local path or a UriPath
         meta = t.meta
         skipped.extend(t.meta.get("skipped", []))
         ids.append(t.ids)
         cand.append(t.candidates)
         votes.append(t.votes if t.votes is not None else np.zeros((len(t), k), np.int64))
         probs.append(None if t.probs is None else t.probs.reshape(len(t), c))
-    ids = np.concatenate(ids)
-    got = np.concatenate([ids, np.asarray([r["id"] for r in skipped], np.int64)])
+    ids = concat_ids(ids, plan.ids)
+    got = concat_ids([ids, ids_from_list([r["id"] for r in skipped], plan.ids)], plan.ids)
     if not plan.covers(got):
         raise CoregError(f"{source}: the shards in {parts} do not cover every id exactly once; "
                          "delete the folder (or pass restart=True) and run again")
@@ -126,10 +125,10 @@ def _llava_resources(ray, opts, num_actors, actor_cpus, use_gpu):
             "tensor_parallel_size": tp, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
-def _local_batches(files, skip, prep, ann_kwargs, batch_size, ann_cls=None):
+def _local_batches(pool, skip, prep, ann_kwargs, batch_size, ann_cls=None):
     if ann_cls is None:
         from coreg_ray.annotate.clip import ClipAnnotator as ann_cls
-    return local_stream(files, skip, prep, ann_cls, ann_kwargs, batch_size)
+    return local_stream(pool, skip, prep, ann_cls, ann_kwargs, batch_size)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -167,9 +166,10 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                    engine: str = "ray", ray_address: str | None = None,
                    allow_download: bool | None = None, progress: bool = True,
                    llava=None) -> dict:
-    """Annotate a Parquet image table with one or more CLIP / LLaVA annotators (module doc).
+    """Annotate an image pool with one or more CLIP / LLaVA annotators (module doc).
 
-    images_path: .parquet file, folder with train.parquet, or folder of .parquet files.
+    images_path: a pool (`coreg_ray.data.sources`): .parquet file, folder with train.parquet or
+      of .parquet files, folder of image files, digits[:test], or an s3:// / gs:// URI.
     annotators: ["clip:MODEL[/PRETRAINED]", "llava:PATH_OR_HF_ID", ...] (a single string is
       accepted).
     output: the annotation table to write (Parquet); shards go to OUTPUT.parts/.
@@ -223,19 +223,20 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     from coreg_ray.outputs import check_output_dir, check_output_file
 
     output = check_output_file(output, "--output", " (give the annotation table's file name, "
-                               "e.g. DIR/annotations.parquet)")
+                               "e.g. DIR/annotations.parquet)", uri_ok=True)
     parts_root = output.with_name(output.name + ".parts")
-    check_output_dir(parts_root, "shard folder")
+    check_output_dir(parts_root, "shard folder", uri_ok=True)
     if report is not None:
         from coreg_ray.annotate.report import report_paths
 
         for rp in report_paths(report):
             check_output_file(rp, "--report")
 
-    files = input_files(images_path)
-    source = str(images_path)
-    ids, labels = read_index(files)
-    classes = resolve_classes(classes, _default_classes(files))
+    pool = open_input(images_path, "annotate")
+    source = pool.spec
+    ids = pool.ids
+    classes = resolve_classes(classes, pool.classes)
+    labels = pool.labels_for(classes)
     clip_templates = resolve_templates(templates) if "clip" in kinds else None
     if labels is not None and labels.max(initial=0) >= len(classes):
         raise CoregError(f"{source}: label {int(labels.max())} but only {len(classes)} class names")
@@ -262,8 +263,8 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
             tpls.append(llava_settings["templates"])
     plan = ShardPlan(ids, shard_size)
     if restart and parts_root.exists():
-        shutil.rmtree(parts_root)
-    ids_hash = hashlib.sha1(ids.tobytes()).hexdigest()
+        rmtree(parts_root)
+    ids_hash = ids_digest(ids)
     settings = {"ids_sha1": ids_hash, "num_rows": int(len(ids)), "shard_size": plan.shard_size,
                 "annotators": annotators, "classes": classes,
                 "templates": clip_templates if "llava" not in kinds else tpls,
@@ -285,7 +286,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     parts_root.mkdir(parents=True, exist_ok=True)
     from coreg_ray.outputs import write_text_atomic
 
-    write_text_atomic(plan_file, json.dumps(dict(settings, files=[str(f) for f in files]), indent=1))
+    write_text_atomic(plan_file, json.dumps(dict(settings, files=pool.files), indent=1))
 
     c = len(classes)
     ray_mod, started_ray, res, all_res = None, False, None, []
@@ -329,11 +330,11 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
                         res = _llava_resources(ray_mod, llava_opts, num_actors, actor_cpus, use_gpu)
                         bs = llava_opts.batch_size or batch_size or (64 if res["gpu"] else 16)
                     all_res.append(res)
-                    batches = ray_stream(files, skip, prep, ann_cls, ann_kwargs, bs, res)
+                    batches = ray_stream(pool, skip, prep, ann_cls, ann_kwargs, bs, res)
                 else:
                     bs = (llava_opts.batch_size if kind == "llava" else None) or batch_size or \
                         (16 if kind == "llava" else 32)
-                    batches = _local_batches(files, skip, prep, ann_kwargs, bs, ann_cls)
+                    batches = _local_batches(pool, skip, prep, ann_kwargs, bs, ann_cls)
                 total = sum(len(plan.shard_ids(s)) for s in pending)
                 bar = None
                 if progress:
@@ -355,7 +356,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     except BaseException:
         if not has_shards(parts_root):  # nothing finished: leave no plan (or folder) behind
             if created_parts:
-                shutil.rmtree(parts_root, ignore_errors=True)
+                rmtree(parts_root)
             else:
                 plan_file.unlink(missing_ok=True)
         raise
@@ -379,8 +380,8 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
     same_tpls = all(t == tpls[0] for t in tpls)
     final.meta.update({"classes": classes, "templates": tpls[0] if same_tpls else tpls,
                        "candidate_mode": candidate_mode, "image_size": [p["size"] for p in preps],
-                       "source": [str(f) for f in files],
-                       "skipped": sorted(int(i) for i in skipped)})
+                       "source": pool.files,
+                       "skipped": sorted(json_id(i) for i in skipped)})
     if llava_settings is not None:
         final.meta["llava"] = llava_settings
     final.meta.pop("plan", None)
@@ -413,7 +414,7 @@ def run_annotation(images_path, annotators, output, report=None, *, classes=None
         "classes": classes, "templates": tpls[0] if same_tpls else tpls,
         "labels": labels is not None,
         "rows_in_input": int(len(ids)), "skipped": len(skipped),
-        "skipped_images": [{"id": int(i), "error": e} for i, e in sorted(skipped.items())],
+        "skipped_images": [{"id": json_id(i), "error": e} for i, e in sorted(skipped.items())],
         "quality": quality(final, lab_of(final) if lab_of else None, classes, names),
         "per_annotator": per_annotator,
         "engine": engine,

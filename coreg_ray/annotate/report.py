@@ -123,7 +123,7 @@ def to_markdown(report: dict) -> str:
     if sk:
         L += ["", "## Skipped images", "", "| id | error |", "| --- | --- |"]
         for row in sk[:50]:
-            L.append(f"| {row['id']} | {str(row['error']).replace('|', '/')} |")
+            L.append(f"| {str(row['id']).replace('|', '/')} | {str(row['error']).replace('|', '/')} |")
         if len(sk) > 50:
             L.append(f"| ... | {len(sk) - 50} more in the JSON report |")
     return "\n".join(L) + "\n"

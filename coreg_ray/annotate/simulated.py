@@ -34,6 +34,7 @@ import torch
 
 from coreg_ray.annotate.protocol import FittedAnnotator, nchw, table_rows
 from coreg_ray.data.annotations import AnnotationTable
+from coreg_ray.data.ids import as_ids
 from coreg_ray.errors import CoregError
 
 # The paper's annotation statistics (Tables I-II, "Partial Acc.", "Avg. num", "Zero-Shot (train)"),
@@ -272,7 +273,7 @@ class PaperLikeAnnotator(FittedAnnotator):
         else:
             lookalike = self._lookalike(self._features(images, fit=False))
         n = len(labels)
-        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, self.spec)
         rng = np.random.default_rng(_stable_seed(self.seed, "votes", n, ids[:64].tolist()))
         u1, u2 = rng.random((n, self.templates)), rng.random((n, self.templates))
         a, s, tau = self.params

@@ -105,7 +105,8 @@ class SimulatedVLM(FittedAnnotator):
             probs += p / k
         cand = np.zeros((n, c), bool)
         cand[np.repeat(np.arange(n), k), votes.reshape(-1)] = True
-        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        from coreg_ray.data.ids import as_ids
+        ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, self.spec)
         return AnnotationTable(ids, cand, votes, probs.astype(np.float32),
                                {"annotator": self.spec, "simulated": True, "num_classes": c})
 

@@ -93,7 +93,11 @@ def data_fingerprint(train: ImageTable, candidates: np.ndarray, size: int) -> di
         a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
         return hashlib.sha1(a.view(np.uint8).reshape(-1).data).hexdigest()[:16]
 
-    return {"rows": int(len(train)), "ids": sha(train.ids.astype(np.int64)),
+    from coreg_ray.data.ids import ids_digest
+
+    # ids_digest: int64 ids hash their bytes as before (old checkpoints still match); string
+    # ids (file names) their UTF-8 text
+    return {"rows": int(len(train)), "ids": ids_digest(train.ids)[:16],
             "images": sha(train.images), "image_size": int(size),
             "classes": list(train.classes), "candidates": sha(np.asarray(candidates, bool))}
 

@@ -1,6 +1,6 @@
 """Annotation tables: candidate label sets per image, read/written as Parquet keyed by `id`.
 
-Columns: `id` (int64), `candidates` (list<int>), `votes` (list<int>, one per template, -1 = no
+Columns: `id` (int64 or string: ids as the images' source gives them, `coreg_ray.data.ids`), `candidates` (list<int>), `votes` (list<int>, one per template, -1 = no
 vote), optional `probs` (list<float>, mean template probabilities). The file metadata key
 `coreg_ray` holds JSON: `{"num_classes", "classes", "annotator", ...}`.
 In memory the candidates are a dense bool [N, C] matrix (what training uses).
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coreg_ray.data.ids import arrow_ids, as_ids, first_duplicate, id_text, is_string_ids
 from coreg_ray.errors import CoregError
 from coreg_ray.outputs import atomic_path, check_output_file
 
@@ -21,11 +22,14 @@ META_KEY = b"coreg_ray"
 
 @dataclass
 class AnnotationTable:
-    ids: np.ndarray  # int64 [N]
+    ids: np.ndarray  # [N] int64 or object-of-str (coreg_ray.data.ids)
     candidates: np.ndarray  # bool [N, C]
     votes: np.ndarray | None = None  # int64 [N, K], -1 = no vote
     probs: np.ndarray | None = None  # float32 [N, C]
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ids = as_ids(self.ids, "annotations")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,16 +46,23 @@ class AnnotationTable:
 
     def align_to(self, ids: np.ndarray, source: str = "annotations") -> "AnnotationTable":
         """Reorder rows to `ids` (an image table's order); fail if the id sets differ."""
-        pos = {int(i): k for k, i in enumerate(self.ids.tolist())}
-        missing = [int(i) for i in ids.tolist() if int(i) not in pos]
+        ids = as_ids(ids, source)
+        pos = {i: k for k, i in enumerate(self.ids.tolist())}
+        want = ids.tolist()
+        missing = [i for i in want if i not in pos]
         if missing:
+            hint = ""
+            if len(self.ids) and is_string_ids(self.ids) != is_string_ids(ids):
+                hint = (f" (the annotations' ids are {'strings' if is_string_ids(self.ids) else 'integers'}"
+                        f", the images' {'strings' if is_string_ids(ids) else 'integers'}: annotate "
+                        "the same source the run reads)")
             raise CoregError(f"{source}: {len(missing)} image ids have no annotation "
-                             f"(first: id {missing[0]})")
+                             f"(first: id {id_text(missing[0])}){hint}")
         if len(self.ids) != len(ids):
-            extra = sorted(set(pos) - set(int(i) for i in ids.tolist()))
+            extra = sorted(set(pos) - set(want))
             raise CoregError(f"{source}: {len(extra)} annotated ids are not in the image table "
-                             f"(first: id {extra[0]})")
-        return self.subset(np.fromiter((pos[int(i)] for i in ids), np.int64, len(ids)))
+                             f"(first: id {id_text(extra[0])})")
+        return self.subset(np.fromiter((pos[i] for i in want), np.int64, len(want)))
 
 
 def candidate_matrix(sets, num_classes: int, ids=None, source="candidates") -> np.ndarray:
@@ -82,10 +93,10 @@ def write_annotations(table: AnnotationTable, path: str | Path) -> None:
     import pyarrow.parquet as pq
 
     check_candidates(table.candidates, table.ids, str(path))
-    path = check_output_file(path, "annotation table")
+    path = check_output_file(path, "annotation table", uri_ok=True)
     cand_lists = [np.flatnonzero(r).tolist() for r in table.candidates]
     cols = {
-        "id": pa.array(table.ids, pa.int64()),
+        "id": arrow_ids(table.ids),
         "candidates": pa.array(cand_lists, pa.list_(pa.int32())),
         "votes": pa.array(table.votes.tolist() if table.votes is not None else
                           [[] for _ in range(len(table))], pa.list_(pa.int32())),
@@ -119,23 +130,24 @@ def read_meta(schema_meta, path) -> dict:
 def read_annotations(path: str | Path, num_classes: int | None = None) -> AnnotationTable:
     import pyarrow.parquet as pq
 
-    from coreg_ray.outputs import check_local
+    from coreg_ray.data.location import filesystem_of, location, redact
 
-    check_local(path, "annotation table")
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise CoregError(f"annotation table not found: {path}")
+    fs, fpath = filesystem_of(path)
     try:
-        tbl = pq.read_table(path)
+        tbl = pq.read_table(fpath, filesystem=fs)
     except Exception as exc:
-        raise CoregError(f"{path}: not a readable Parquet file ({exc})")
+        raise CoregError(f"{path}: not a readable Parquet file ({redact(exc)})")
     for need in ("id", "candidates"):
         if need not in tbl.column_names:
             raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(tbl.column_names)})")
     meta = read_meta(tbl.schema.metadata, path)
-    ids = tbl.column("id").to_numpy().astype(np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise CoregError(f"{path}: duplicate ids in the annotation table")
+    ids = as_ids(tbl.column("id"), str(path))
+    dup = first_duplicate(ids)
+    if dup is not None:
+        raise CoregError(f"{path}: duplicate ids in the annotation table (first: id {id_text(dup)})")
     file_c = meta.get("num_classes")
     if file_c is not None and (isinstance(file_c, bool) or not isinstance(file_c, int) or file_c < 1):
         raise CoregError(f"{path}: the coreg_ray metadata block says num_classes={file_c!r} "

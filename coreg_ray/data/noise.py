@@ -37,7 +37,7 @@ def synthetic_candidates(labels: np.ndarray, num_classes: int, q: float, eta: fl
 
 def synthetic_annotations(ids, labels, num_classes, q, eta, seed=0) -> AnnotationTable:
     cand = synthetic_candidates(labels, num_classes, q, eta, seed)
-    return AnnotationTable(np.asarray(ids, np.int64), cand, None, None,
+    return AnnotationTable(ids, cand, None, None,  # ids kept as given (int64 or str)
                            {"annotator": f"synthetic:q={q},eta={eta},seed={seed}",
                             "num_classes": num_classes})
 

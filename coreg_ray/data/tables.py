@@ -1,8 +1,12 @@
 """Image tables: every source becomes one `ImageTable` holding a uint8 [N, 3, H, W] tensor.
 
 Sources (`load_image_table(spec)`):
-- a Parquet image table (`id`, encoded `image`, optional `label`; `classes.json` beside it),
-- an image folder (one sub-folder per class, or flat and unlabeled),
+- a Parquet image table (`id`, encoded `image`, optional `label`; `classes.json` beside it), or
+  a folder of Parquet shards,
+- a folder of image files, searched recursively; ids are the files' relative paths; labels from
+  top-level class sub-folders by the rule in `coreg_ray.data.sources` (a flat folder needs
+  classes.json or class names),
+- either of these on object storage (s3://, gs://; `coreg_ray.data.location`),
 - a NumPy `.npz` (`images` [N,H,W(,C)], optional `labels`, `ids`, `classes`),
 - `digits`, `digits:train`, `digits:test`: scikit-learn's 1,797 real 8x8 digits (the embedded
   default; a fixed 80/20 split by id),
@@ -26,30 +30,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coreg_ray.data.ids import as_ids, first_duplicate, id_text
+from coreg_ray.data.listing import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
 from coreg_ray.errors import CoregError, note
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
 class ImageTable:
     images: torch.Tensor  # uint8 [N, 3, H, W], CPU
-    ids: np.ndarray  # int64 [N], unique
+    ids: np.ndarray  # [N] unique, int64 or object-of-str (coreg_ray.data.ids)
     labels: np.ndarray | None  # int64 [N] ground truth (evaluation and few-shot only), or None
     classes: list[str]
     source: str = ""
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.ids = as_ids(self.ids, self.source or "images")
         n = len(self.ids)
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
             raise CoregError(f"{self.source}: images must be uint8 [N,3,H,W], got "
                              f"{tuple(self.images.shape)} {self.images.dtype}")
         if self.images.shape[0] != n:
             raise CoregError(f"{self.source}: {self.images.shape[0]} images but {n} ids")
-        if len(np.unique(self.ids)) != n:
-            dup = _first_duplicate(self.ids)
-            raise CoregError(f"{self.source}: id {dup} appears more than once")
+        dup = first_duplicate(self.ids)
+        if dup is not None:
+            raise CoregError(f"{self.source}: id {id_text(dup)} appears more than once")
         if self.labels is not None:
             if len(self.labels) != n:
                 raise CoregError(f"{self.source}: {len(self.labels)} labels for {n} images")
@@ -75,15 +80,6 @@ class ImageTable:
         return ImageTable(self.images[torch.as_tensor(index)], self.ids[index],
                           None if self.labels is None else self.labels[index],
                           list(self.classes), self.source, dict(self.meta))
-
-
-def _first_duplicate(ids):
-    seen = set()
-    for i in ids.tolist():
-        if i in seen:
-            return i
-        seen.add(i)
-    return None
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -115,7 +111,7 @@ def decode_images(blobs, ids, size: int | None, source: str, meta: dict | None =
                 im.load()
                 return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:  # PIL raises many types for corrupt data
-            raise CoregError(f"{source}: image of row id {ids[i]} cannot be decoded "
+            raise CoregError(f"{source}: image of row id {id_text(ids[i])} cannot be decoded "
                              f"({type(exc).__name__}: {exc})") from None
 
     return _stack(decode, len(blobs), size, source, ids, meta)
@@ -181,24 +177,19 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
         table = _load_digits(spec, image_size)
     elif spec.startswith("torchvision:"):
         table = _load_torchvision(spec, image_size, limit)
-    else:
-        from coreg_ray.outputs import check_local
-
-        check_local(spec, "image table")
+    elif spec.endswith(".npz") and "://" not in spec:
         path = Path(spec)
-        if not path.exists():
+        if not path.is_file():
             raise CoregError(f"image table not found: {spec}")
-        if path.is_dir() and (path / "train.parquet").exists():
-            path = path / "train.parquet"
-        if path.suffix == ".parquet" and path.is_file():
-            table = _load_parquet(path, image_size, limit, classes)
-        elif path.suffix == ".npz" and path.is_file():
-            table = _load_npz(path, image_size, classes)
-        elif path.is_dir():
-            table = _load_folder(path, image_size, limit, classes)
+        table = _load_npz(path, image_size, classes)
+    else:
+        from coreg_ray.data.listing import locate
+
+        kind, fs, paths, root, loc = locate(spec, "this command")
+        if kind == "parquet":
+            table = _load_parquet(fs, paths, loc, image_size, limit, classes)
         else:
-            raise CoregError(f"{spec}: unsupported image source (want .parquet, .npz, a folder, "
-                             "'digits[:train|:test]' or 'torchvision:NAME:ROOT')")
+            table = _load_folder(loc, fs, root, image_size, limit, classes)
     if limit is not None and len(table) > limit:
         table = table.subset(np.arange(limit))
     return table
@@ -218,51 +209,59 @@ def read_classes(path: Path) -> list[str] | None:
 
 
 def open_image_parquet(path):
-    """(ParquetFile, its column names) of an image table file: one line if it is not readable
-    Parquet or lacks the `id` / `image` columns. Used by the loader and the annotate pipeline."""
-    import pyarrow.parquet as pq
+    """(ParquetFile, its column names) of a local image table file: one line if it is not
+    readable Parquet or lacks the `id` / `image` columns."""
+    import pyarrow.fs as pafs
 
+    from coreg_ray.data.listing import open_image_parquet as _open
+    return _open(pafs.LocalFileSystem(), str(Path(path).absolute()), str(path))
+
+
+def _load_parquet(fs, paths, loc, size, limit, classes) -> ImageTable:
+    import pyarrow as pa
+
+    from coreg_ray.data.location import filesystem_of
+    from coreg_ray.data.listing import open_image_parquet as _open, read_classes_at
+
+    shown = str(loc)
+    parts, has_label = [], True
+    for p in paths:
+        pf, cols = _open(fs, p, shown)
+        has_label = has_label and "label" in cols
+        parts.append(pf.read(columns=["id", "image"] + (["label"] if "label" in cols else [])))
+    if not has_label:
+        parts = [t.select(["id", "image"]) for t in parts]
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise CoregError(f"{path}: not a readable Parquet file ({exc})")
-    cols = set(pf.schema_arrow.names)
-    for need in ("id", "image"):
-        if need not in cols:
-            raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(sorted(cols))})")
-    return pf, cols
-
-
-def _load_parquet(path: Path, size, limit, classes) -> ImageTable:
-    pf, cols = open_image_parquet(path)
-    want = ["id", "image"] + (["label"] if "label" in cols else [])
-    tbl = pf.read(columns=want)
+        tbl = pa.concat_tables(parts)
+    except pa.ArrowInvalid as exc:
+        raise CoregError(f"{shown}: the Parquet files disagree on their columns ({exc})") from None
     if limit is not None:
         tbl = tbl.slice(0, limit)
-    ids = tbl.column("id").to_numpy().astype(np.int64)
+    ids = as_ids(tbl.column("id"), shown)
     img_col = tbl.column("image")
     blobs = img_col.to_pylist()
     for i, b in enumerate(blobs):
         if isinstance(b, dict):  # HF-style struct {bytes, path}
             blobs[i] = b.get("bytes")
         if blobs[i] is None:
-            raise CoregError(f"{path}: row id {ids[i]} has no image bytes")
+            raise CoregError(f"{shown}: row id {id_text(ids[i])} has no image bytes")
     labels = None
     if "label" in tbl.column_names:
         lab = tbl.column("label")
         if lab.null_count:
-            raise CoregError(f"{path}: column 'label' has {lab.null_count} empty values")
+            raise CoregError(f"{shown}: column 'label' has {lab.null_count} empty values")
         labels = lab.to_numpy().astype(np.int64)
-    names = classes or read_classes(path)
+    one_file = list(paths) == [filesystem_of(loc)[1]]
+    names = classes or read_classes_at((loc.parent if one_file else loc) / "classes.json")
     if len(ids) == 0:
-        raise CoregError(f"{path}: no rows (no images)")
+        raise CoregError(f"{shown}: no rows (no images)")
     if names is None:
         if labels is None:
-            raise CoregError(f"{path}: no classes.json beside it and no labels: pass class names")
+            raise CoregError(f"{shown}: no classes.json beside it and no labels: pass class names")
         names = [str(i) for i in range(int(labels.max()) + 1)]
     meta = {}
-    images = decode_images(blobs, ids, size, str(path), meta)
-    return ImageTable(images, ids, labels, names, str(path), meta)
+    images = decode_images(blobs, ids, size, shown, meta)
+    return ImageTable(images, ids, labels, names, shown, meta)
 
 
 def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> None:
@@ -279,7 +278,9 @@ def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> 
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format=fmt)
         blobs.append(buf.getvalue())
-    cols = {"id": pa.array(table.ids, pa.int64()), "image": pa.array(blobs, pa.binary())}
+    from coreg_ray.data.ids import arrow_ids
+
+    cols = {"id": arrow_ids(table.ids), "image": pa.array(blobs, pa.binary())}
     if table.labels is not None:
         cols["label"] = pa.array(table.labels, pa.int16())
     with atomic_path(path) as tmp:
@@ -294,7 +295,7 @@ def _load_npz(path: Path, size, classes) -> ImageTable:
         raise CoregError(f"{path}: not a readable .npz ({exc})")
     if "images" not in data:
         raise CoregError(f"{path}: missing array 'images' (has: {', '.join(data.files)})")
-    ids = data["ids"].astype(np.int64) if "ids" in data else None
+    ids = as_ids(data["ids"], str(path)) if "ids" in data else None
     labels = data["labels"].astype(np.int64) if "labels" in data else None
     names = classes or ([str(c) for c in data["classes"]] if "classes" in data else None)
     return table_from_arrays(data["images"], labels, names, ids, size, str(path))
@@ -322,7 +323,7 @@ def table_from_arrays(images, labels=None, classes=None, ids=None, size=None,
     elif x.shape[-1] == 4:
         x = x[..., :3]
     n = len(x)
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, source)
     if labels is not None:
         labels = np.asarray(labels, np.int64)
     if classes is None:
@@ -355,52 +356,49 @@ def _load_digits(spec: str, size) -> ImageTable:
     return table
 
 
-def _load_folder(path: Path, size, limit, classes) -> ImageTable:
+def _load_folder(loc, fs, root, size, limit, classes) -> ImageTable:
+    """A folder of image files (`coreg_ray.data.listing.list_folder`: the label rule of
+    `coreg_ray.data.sources`), decoded once; ids are the files' relative paths. A file that
+    cannot be decoded (or is over the pixel cap) stops the load naming it."""
+    from PIL import UnidentifiedImageError
+
     from coreg_ray.data.pixels import open_image
 
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels = [], []
-    if subdirs:
-        names = classes or [p.name for p in subdirs]
-        index = {n: i for i, n in enumerate(names)}
-        for d in subdirs:
-            if d.name not in index:
-                raise CoregError(f"{path}: sub-folder '{d.name}' is not one of the classes")
-            for f in sorted(d.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(f)
-                    labels.append(index[d.name])
-        lab = np.asarray(labels, np.int64)
-    else:
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        names = classes or read_classes(path / "classes.json")
-        if names is None and files:
-            raise CoregError(f"{path}: a flat folder needs classes.json or class names")
-        lab = None
-    if not files:
-        exts = "/".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
-        where = (f"in its {len(subdirs)} class sub-folders (none holds one)" if subdirs
-                 else "in class sub-folders or in the folder itself (it has no sub-folders)")
-        raise CoregError(f"{path}: no images found: looked for train.parquet and for image "
-                         f"files ({exts}) {where}")
-    if limit is not None:
-        files = files[:limit]
-        lab = None if lab is None else lab[:limit]
-    ids = np.arange(len(files), dtype=np.int64)
+    from coreg_ray.data.listing import list_folder
+
+    paths, ids, _, labels, names, _ = list_folder(loc, fs, root, classes, limit)
+    shown = str(loc)
+    if names is None:
+        raise CoregError(f"{shown}: no class sub-folders (an image lies directly in the "
+                         "folder) and no classes.json: pass class names, or put each image in "
+                         "a sub-folder named after its class")
 
     def decode(i):
+        rel, data = ids[i], b""
         try:
-            with open_image(files[i]) as im:
+            with fs.open_input_stream(paths[i]) as f:
+                data = f.read()
+            with open_image(io.BytesIO(data)) as im:
                 im.load()
                 return _to_rgb_array(im, size), (im.size[1], im.size[0])
         except Exception as exc:
-            raise CoregError(f"{files[i]}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+            why = "empty file (0 bytes)" if isinstance(exc, UnidentifiedImageError) and \
+                not data else f"{type(exc).__name__}: {exc}".replace(f" {_bio(exc)}", "")
+            raise CoregError(f"{shown}/{rel}: cannot be decoded ({why}); move it out of "
+                             "the folder (annotate and predict keep such files as error rows)") from None
 
     meta = {}
-    images = _stack(decode, len(files), size, str(path), ids, meta)
-    table = ImageTable(images, ids, lab, list(names), str(path), meta)
-    table.meta["files"] = [str(f.relative_to(path)) for f in files]
+    images = _stack(decode, len(ids), size, shown, ids, meta)
+    table = ImageTable(images, ids, labels, list(names), shown, meta)
+    table.meta["files"] = list(ids)
     return table
+
+
+def _bio(exc) -> str:
+    """The '<_io.BytesIO object at 0x...>' PIL puts in its messages (never the same twice)."""
+    import re
+    m = re.search(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", str(exc))
+    return m.group(0) if m else "\0"
 
 
 def _load_torchvision(spec: str, size, limit) -> ImageTable:

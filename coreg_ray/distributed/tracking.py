@@ -162,7 +162,9 @@ class MLflowRun(Tracker):
             kwargs["parent_run_id"] = self.parent
             kwargs["nested"] = True
         self.run = self.mlflow.start_run(**kwargs)
-        self.mlflow.log_params({k: str(v) for k, v in self.cfg.flat().items()})
+        from coreg_ray.data.location import redact  # a URI's user:secret@ never reaches MLflow
+
+        self.mlflow.log_params({k: redact(v) for k, v in self.cfg.flat().items()})
         return self
 
     def end(self, exc=None) -> None:
@@ -247,7 +249,9 @@ class MLflowClientRun(Tracker):
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        ps = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's length limit
+        from coreg_ray.data.location import redact  # a URI's user:secret@ never reaches MLflow
+
+        ps = [Param(k, redact(v)[:6000]) for k, v in params.items()]  # MLflow's length limit
         for i in range(0, len(ps), 100):
             self.client.log_batch(self.run_id, params=ps[i:i + 100])
 
