@@ -262,11 +262,12 @@ def test_two_workers_decode_only_their_rows_and_the_driver_none(ray_runtime, poo
                      "shard-00001.pt"]
     manifest = json.loads((last / "manifest.json").read_text())
     assert manifest["world"] == 2 and manifest["counts"] == [120, 120]
-    # relaunched with 1 worker: the finished run restores (its shards re-sharded), trains nothing
+    # relaunched with 1 worker: the finished run's state is restored (its 2 shards re-sharded
+    # into one: a state that does not fit fails the run) and nothing is trained
     again = train_distributed(str(pool["train"]), str(pool["ann"]), out, tiny_config(**over),
                               test_images=str(pool["test"]), workers=1, mlflow=False,
                               log=lambda *a: None)
-    assert again["history"] == m["history"] and len(again["restored_from_epochs"]) == 1
+    assert again["history"] == m["history"]
     # relaunched on other candidate sets: one line before any worker starts
     other = pool["annotations"]
     from coreg_ray.data import AnnotationTable, write_annotations
