@@ -278,3 +278,38 @@ def test_two_workers_decode_only_their_rows_and_the_driver_none(ray_runtime, poo
         train_distributed(str(pool["train"]), str(tmp_path / "other.parquet"), out,
                           tiny_config(**over), test_images=str(pool["test"]), workers=2,
                           mlflow=False, log=lambda *a: None)
+
+
+# ------------------------------------------------------------------ the plan
+def test_plan_prints_what_each_worker_needs_and_writes_nothing(pool, tmp_path, capsys):
+    from coreg_ray.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--images", str(pool["train"]), "--annotations", str(pool["ann"]),
+                 "--test-images", str(pool["test"]), "--output", str(out), "--workers", "2",
+                 "--no-mlflow", "--set", "model.backbone=mlp", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "rows 240 (test 60); working images 8x8: 192 bytes each" in text
+    assert "2 workers: 120 training rows each" in text and "host memory" in text
+    assert not out.exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_what_would(pool, tmp_path, capsys):
+    from coreg_ray.cli import main
+    from coreg_ray.config import Config
+    from coreg_ray.distributed.plan import plan_run
+    from coreg_ray.errors import CoregError
+
+    cfg = Config.load(overrides=["model.backbone=mlp", "data.placement=device"])
+    with pytest.raises(CoregError, match=r"needs >= \d+ workers with 80 GB or data.placement=host"):
+        plan_run(cfg, 30_000_000, 0, 64, 10, 2, 1, 80.0)  # 184 GB of images per worker
+    p = plan_run(cfg, 30_000_000, 0, 64, 10, 8, 1, 80.0)
+    assert p["fits"] and p["placement"] == "device" and p["rows_per_worker"] == 3_750_000
+    cfg.data.placement = "auto"  # auto: the images that do not fit stay in host memory
+    assert plan_run(cfg, 30_000_000, 0, 64, 10, 2, 1, 80.0)["placement"] == "host"
+    out = tmp_path / "run"
+    assert main(["train", "--images", str(pool["train"]), "--annotations", str(pool["ann"]),
+                 "--output", str(out), "--workers", "2", "--gpus-per-worker", "1",
+                 "--gpu-memory-gb", "1", "--no-mlflow", "--set", "model.backbone=mlp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit" in err[0] and not out.exists()

@@ -209,7 +209,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                       cpus_per_worker: float | None = None, image_size=None, limit=None,
                       mlflow: bool = True, run_name: str | None = None, callbacks=(),
                       num_to_keep: int | None = 2, ray_address: str | None = None,
-                      register: str | None = None, log=print, plan=None) -> dict:
+                      register: str | None = None, log=print, plan_only: bool = False,
+                      gpu_memory_gb: float = 80.0) -> dict:
     """`coreg-ray train --workers N`: Co-Reg in a Ray Train `TorchTrainer` (module doc).
 
     storage_path: where Ray Train keeps checkpoints (default OUTPUT/ray; on a multi-node cluster
@@ -217,8 +218,9 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     Launching again with the same storage_path and name resumes that run.
     callbacks: extra picklable epoch callbacks run on every worker (e.g. `FailOnce`).
     register: a registered model name for the run's MLflow model (needs tracking).
-    plan: called as plan(train columns, checked inputs, test columns) once every input is
-    checked, before anything is written (the CLI's --plan and its fit check).
+    plan_only: log the memory plan (`coreg_ray.distributed.plan`) and return {"plan": ...}
+    without writing or training anything. Every run is checked against it first: one that
+    cannot fit GPUs of `gpu_memory_gb` is refused in one line before any worker starts.
     """
     from coreg_ray.coreg.trainer import CHECKPOINT
     from coreg_ray.data import annotation_stats
@@ -241,8 +243,14 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         storage = str(Path(storage).resolve())
     name = name or out.resolve().name
     check_previous_run(storage, name, checked.fingerprint, cfg)
-    if plan is not None:
-        plan(train, checked, test)  # --plan / a run that cannot fit: before anything is written
+    from coreg_ray.distributed.plan import describe, plan_run
+
+    plan = plan_run(cfg, len(train), len(test) if test is not None else 0, checked.size,
+                    train.num_classes, workers, gpus_per_worker, gpu_memory_gb)
+    if plan_only:
+        for line in describe(plan):
+            log(line)
+        return {"plan": plan}
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
 
