@@ -163,10 +163,12 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
     if shard is None:
         mean, std, gray = (*channel_stats(images), grayscale_view(cfg, images))
     else:
-        mean, std, gray = _shared_stats(cfg, images, comm)
+        mean, std, gray = _shared_stats(cfg, images, comm, device)
+    test_images = resize_images(test.images, size) if test is not None else None
+    where = placement(cfg, device, images, test_images, shard)
     test_dev = None
     if test is not None:
-        test_dev = (resize_images(test.images, size).to(device),
+        test_dev = (test_images.to(device) if where == "device" else test_images,
                     torch.as_tensor(test.labels, device=device))
     soft = None
     if probs is not None:
@@ -174,7 +176,6 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
         if len(trusted_index):
             soft[torch.as_tensor(trusted_index, device=device)] = torch.as_tensor(
                 cand[trusted_index], dtype=torch.float32, device=device)
-    where = placement(cfg, device, images, None, shard)
     data = TrainingData(
         device=device, bf16=bf16, channels_last=channels_last,
         images=images.to(device) if where == "device" else images,
@@ -190,13 +191,13 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
     data.shard = shard
     if shard is not None:  # the whole table's (the driver's, from its columns) and this rank's
         data.fingerprint, data.shard_fingerprint = shard.fingerprint, checked.fingerprint
-    data.placement = placement(cfg, device, images, test_dev, shard)
-    if data.placement == "host" and device.type != "cpu":  # batches gathered by index
-        data.images = images.pin_memory() if device.type == "cuda" else images
+    data.placement = where
+    if where == "host" and device.type == "cuda":  # batches gathered by index and copied
+        data.images = images.pin_memory()
     return data
 
 
-def _shared_stats(cfg: Config, images: torch.Tensor, comm):
+def _shared_stats(cfg: Config, images: torch.Tensor, comm, device):
     """channel_stats and grayscale_view over every rank's images: float64 sums all-reduced."""
     s = torch.zeros(7, dtype=torch.float64)
     for chunk in images.split(8192):  # as channel_stats
@@ -205,14 +206,16 @@ def _shared_stats(cfg: Config, images: torch.Tensor, comm):
         s[3:6] += (x * x).sum((0, 2, 3))
         s[6] += x.shape[0] * x.shape[2] * x.shape[3]
     gray = torch.tensor([1 if grayscale_view(cfg, images) else 0])
-    s, gray = comm.all_reduce_sum(s), comm.all_reduce_min(gray)
+    s = comm.all_reduce_sum(s.to(device)).cpu()  # on the device: NCCL reduces nothing else
+    gray = comm.all_reduce_min(gray.to(device)).cpu()
     n = int(s[6].item())
     mean = s[:3] / n
     std = (s[3:6] / n - mean * mean).clamp_min(1e-8).sqrt()
     return mean.float().tolist(), std.clamp_min(1e-3).float().tolist(), bool(gray.item())
 
 
-def placement(cfg: Config, device: torch.device, images: torch.Tensor, test, shard) -> str:
+def placement(cfg: Config, device: torch.device, images: torch.Tensor,
+              test_images: torch.Tensor | None, shard) -> str:
     """`data.placement`: device (the images live on the training device), host (in host
     memory, pinned on CUDA; each batch gathered by index and copied) or auto: device when
     this rank's images fit in half the device's free memory, host otherwise."""
@@ -220,5 +223,5 @@ def placement(cfg: Config, device: torch.device, images: torch.Tensor, test, sha
     if want != "auto" or device.type != "cuda":
         return "device" if want == "auto" else want
     free, _ = torch.cuda.mem_get_info(device)
-    need = images.numel() + (test[0].numel() if test is not None else 0)
+    need = images.numel() + (test_images.numel() if test_images is not None else 0)
     return "device" if need < 0.5 * free else "host"

@@ -54,7 +54,7 @@ def shard(n: int, seed: int, batch: int, comm, device, keep_last: bool = False):
     batch (the reference's warm-up loader does). One process: a permutation of all n rows."""
     w = comm.world_size
     perm = torch.randperm(n, generator=_rank_generator(seed, comm.rank))
-    m = n if w == 1 else int(comm.all_reduce_min(torch.tensor([n])).item())
+    m = n if w == 1 else int(comm.all_reduce_min(torch.tensor([n], device=device)).item())
     mine = perm[:m].to(device)
     batch = min(max(1, batch // w), m)
     steps = -(-m // batch) if keep_last else max(1, m // batch)
@@ -76,7 +76,8 @@ def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_u
     u_mine = u_idx[torch.randperm(len(u_idx), generator=g)].to(device)
     p_least, u_least = len(p_mine), len(u_mine)
     if w > 1:
-        p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least])).tolist()
+        p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least],
+                                                             device=device)).tolist()
     if p_least == 0:
         return []
     bs = min(bs, p_least)

@@ -286,7 +286,8 @@ class CoReg(Persistence):
             del hist[:-c.division_history]
             # the GMM: fitted on every row's averaged loss (N scalars, gathered in row order),
             # so every rank finds the split one process holding every row would
-            avg = self.comm.gather_rows(torch.stack(hist).mean(0), self.counts).numpy()
+            avg = self.comm.gather_rows(torch.stack(hist).mean(0).to(self.device),  # NCCL:
+                                        self.counts).cpu().numpy()  # collectives on the device
             w = gmm_clean_probability(avg, c.gmm_max_iter, c.gmm_tol, c.gmm_reg_covar,
                                       seed=self.cfg.train.seed)[self.lo:self.lo + self.n]
             w = torch.as_tensor(w, dtype=torch.float32, device=self.device)
@@ -307,7 +308,7 @@ class CoReg(Persistence):
         table, out = self.pred_table[k], torch.empty_like(probs)
         chunks = list(torch.arange(self.n, device=self.device).split(self.cfg.train.eval_batch_size))
         if self.comm.world_size > 1:  # every rank takes part in every chunk's mean
-            most = int(self.comm.all_reduce_max(torch.tensor([len(chunks)])).item())
+            most = int(self.comm.all_reduce_max(torch.tensor([len(chunks)], device=self.device)).item())
             chunks += [chunks[0][:0]] * (most - len(chunks))
         for chunk in chunks:
             table[chunk] = probs[chunk]
