@@ -313,3 +313,39 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_would(pool, tmp_path, caps
                  "--gpu-memory-gb", "1", "--no-mlflow", "--set", "model.backbone=mlp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit" in err[0] and not out.exists()
+
+
+def test_string_ids_are_kept_as_read(pool, tmp_path):
+    """Ids may be strings (a folder's relative paths): columns and rows keep them as str,
+    never cast; the fingerprint takes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from coreg_ray.coreg.device_data import data_fingerprint
+    from coreg_ray.data.shards import ParquetRows
+
+    tbl = pq.read_table(pool["train"])
+    names = [f"class{label}/img{i:04d}.png" for i, label in
+             zip(tbl.column("id").to_pylist(), tbl.column("label").to_pylist())]
+    tbl = tbl.set_column(0, "id", pa.array(names, pa.string()))
+    (tmp_path / "s").mkdir()
+    pq.write_table(tbl, tmp_path / "s" / "train.parquet", row_group_size=64)
+    (tmp_path / "s" / "classes.json").write_text((pool["dir"] / "classes.json").read_text())
+    src = ParquetRows(tmp_path / "s" / "train.parquet")
+    cols = src.columns()
+    assert cols.ids.dtype == object and cols.ids[3] == names[3]
+    part = src.read_rows(100, 130, 8)
+    assert part.ids.tolist() == names[100:130]
+    fp = data_fingerprint(cols, np.zeros((240, 10), bool), 8)
+    assert fp["rows"] == 240 and fp["images"] is None and len(fp["ids"]) == 16
+
+
+def test_placement_choices():
+    import torch
+
+    from coreg_ray.coreg.device_data import placement
+
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    for want, got in (("auto", "device"), ("device", "device"), ("host", "host")):
+        cfg = tiny_config(**{"data.placement": want})
+        assert placement(cfg, torch.device("cpu"), images, None, None) == got
