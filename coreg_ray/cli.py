@@ -206,6 +206,8 @@ def cmd_train(args):
     if args.resume and args.overwrite:
         raise CoregError("--resume continues the run in --output, --overwrite replaces it: "
                          "give one of them")
+    if args.plan and not args.workers:
+        raise CoregError("--plan plans a Ray Train run: give --workers N (and --gpus-per-worker)")
     if args.workers:  # Ray Train: N DDP workers (coreg_ray/distributed/train.py)
         from coreg_ray.distributed.train import summarize, train_distributed
 
@@ -214,7 +216,10 @@ def cmd_train(args):
                               gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
                               max_failures=args.max_failures, image_size=args.image_size,
                               limit=args.limit, mlflow=not args.no_mlflow, run_name=args.run_name,
-                              register=args.register)
+                              register=args.register, plan_only=args.plan,
+                              gpu_memory_gb=args.gpu_memory_gb)
+        if args.plan:  # printed by train_distributed; nothing trained or written
+            return
         print(summarize(m))
         _say_model(m)
         return
@@ -414,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="run on Ray Train with N DDP workers (0: this process, no Ray)")
     p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--plan", action="store_true",
+                   help="with --workers: print the memory each worker needs (rows, image size, "
+                        "per-sample state, networks) and train nothing")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="memory of one GPU for the plan and its fit check (default 80)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train checkpoints (default OUTPUT/ray; shared or s3:// on a cluster); "
                         "launching again with the same path and output resumes")
@@ -421,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", metavar="NAME", default=None,
                    help="also add the run's MLflow model (runs:/<id>/model) to the Model "
                         "Registry as a new version of NAME (needs MLflow tracking)")
-    _valid(p, workers=Range(0), gpus_per_worker=Range(0), max_failures=Range(-1))
+    _valid(p, workers=Range(0), gpus_per_worker=Range(0), max_failures=Range(-1),
+           gpu_memory_gb=Range(1))
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep (ASHA) over Co-Reg hyper-parameters")

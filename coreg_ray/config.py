@@ -201,6 +201,9 @@ class DataConfig(_Section):
     # grayscale = crop/flip + a black Cutout square, no RandAugment (theirs for F-MNIST/FER2013);
     # auto = grayscale when every training image has R = G = B
     strong_view: str = _key("auto", Choices(("auto", "color", "grayscale"), "strong view"))
+    # where the training images live: device (on the training device), host (host memory, pinned
+    # on CUDA, each batch gathered by index and copied), auto (device when they fit)
+    placement: str = _key("auto", Choices(("auto", "device", "host"), "placement"))
 
 
 @dataclass

@@ -173,13 +173,15 @@ def fewshot_method(name: str, cfg: Config, train, test, params: dict | None) -> 
 def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test=None,
                test_annotations: AnnotationTable | None = None, params: dict | None = None,
                callbacks=(), progress: bool = False, model_path=None, *, output_dir=None,
-               resume: bool = False, initial_state: dict | None = None, comm=None) -> dict:
+               resume: bool = False, initial_state: dict | None = None, comm=None,
+               shard=None) -> dict:
     """Train (or, for zero_shot, just measure) one method; see the module doc. This is what
     every run does once its inputs are loaded (`coreg_ray.runs.execute`, an experiment's task,
     a Ray Train worker, a Tune trial); what a caller adds goes in `callbacks`
     (`callback(epoch, stats, trainer)` after every epoch). `model_path`: where to save the
     trained model (model.pt; Co-Reg variants only, the others have none). `output_dir`
-    (checkpoints), `resume`, `initial_state` and `comm` (DDP) go to the Co-Reg trainer
+    (checkpoints), `resume`, `initial_state`, `comm` (DDP) and `shard` (this rank's rows,
+    `coreg_ray.data.shards.Shard`) go to the Co-Reg trainer
     (`CoReg.fit`); a baseline refuses to resume, zero-shot and few-shot take none of them."""
     from coreg_ray.baselines import BaselineTrainer
     from coreg_ray.coreg.trainer import CoReg
@@ -210,7 +212,7 @@ def run_method(name: str, cfg: Config, train, annotations: AnnotationTable, test
             ann = true_label_annotations(train.ids, train.labels, train.num_classes, train.source)
         else:
             ann = annotations
-        trainer = CoReg(cfg, comm=comm, callbacks=callbacks, progress=progress)
+        trainer = CoReg(cfg, comm=comm, callbacks=callbacks, progress=progress, shard=shard)
     else:  # a baseline: its Method class
         if comm is not None:
             raise CoregError(f"{name}: baselines train in one process (no comm)")

@@ -62,7 +62,8 @@ def check_checkpoint(state, where: str, fingerprint: dict | None = None,
             diffs += [f"other {what}" for key, what in (("ids", "image ids"),
                                                           ("images", "images"),
                                                           ("candidates", "candidate sets"))
-                      if made.get(key) != fingerprint[key]]
+                      if made.get(key) != fingerprint[key]
+                      and None not in (made.get(key), fingerprint[key])]  # images: a shard's
         if diffs:
             raise CoregError(f"{where} was made on other data ({'; '.join(diffs)}): resume with "
                              "the inputs it was made on, or train into a new --output")

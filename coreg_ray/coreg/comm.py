@@ -19,6 +19,22 @@ class LocalComm:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather_rows(self, t: torch.Tensor, counts) -> torch.Tensor:
+        """Every rank's `t` (rank r holds counts[r] rows: ranks may differ by a few) concatenated
+        in rank order: with contiguous shards (`coreg_ray.data.shards`), the global row order.
+        For small per-sample vectors only (the N scalar division losses), never N x C tables."""
+        return t
+
+    def mean_rows(self, t: torch.Tensor, n_total: int) -> torch.Tensor:
+        """The mean over every rank's rows of `t` ([rows, C] -> [C]); n_total rows in all."""
+        return t.mean(0)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
@@ -51,7 +67,32 @@ class TorchDistComm(LocalComm):
         self.dist.all_reduce(t)
         return t
 
+    def all_reduce_min(self, t):
+        t = t.clone()
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
+        return t
+
+    def all_reduce_max(self, t):
+        t = t.clone()
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return t
+
+    def gather_rows(self, t, counts):
+        if self.world_size == 1:
+            return t
+        most = max(counts)
+        pad = torch.zeros((most - len(t),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        parts = self.all_gather(torch.cat([t, pad])).split(most)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    def mean_rows(self, t, n_total):
+        if self.world_size == 1:  # one process: exactly what LocalComm computes
+            return t.mean(0)
+        return (self.all_reduce_sum(t.double().sum(0)) / n_total).to(t.dtype)
+
     def wrap(self, model):
+        if self.world_size == 1:  # nothing to synchronise: the model as one process trains it
+            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = next(model.parameters()).device
@@ -60,6 +101,8 @@ class TorchDistComm(LocalComm):
         return DDP(model, device_ids=ids, find_unused_parameters=self.find_unused)
 
     def sync_buffers(self, model):
+        if self.world_size == 1:
+            return
         model = getattr(model, "module", model)
         for buf in model.buffers():
             self.dist.broadcast(buf, src=0)

@@ -97,13 +97,14 @@ def data_fingerprint(train: ImageTable, candidates: np.ndarray, size: int) -> di
 
     # ids_digest: int64 ids hash their bytes as before (old checkpoints still match); string
     # ids (file names) their UTF-8 text
+    images = getattr(train, "images", None)  # a table's columns only (the driver): no images
     return {"rows": int(len(train)), "ids": ids_digest(train.ids)[:16],
-            "images": sha(train.images), "image_size": int(size),
+            "images": None if images is None else sha(images), "image_size": int(size),
             "classes": list(train.classes), "candidates": sha(np.asarray(candidates, bool))}
 
 
 def check_training_inputs(cfg: Config, train: ImageTable, annotations,
-                          test: ImageTable | None) -> CheckedInputs:
+                          test: ImageTable | None, trusted_index=None) -> CheckedInputs:
     """Everything about a run's inputs that can be checked without training: the device, the
     annotations against the images, the test table against the training table, few-shot.
     `train` calls it before it writes anything; `prepare_training_data` starts with it."""
@@ -123,7 +124,8 @@ def check_training_inputs(cfg: Config, train: ImageTable, annotations,
         raise CoregError(f"annotations have {cand.shape[1]} classes, images "
                          f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
     check_candidates(cand, train.ids, "annotations")
-    trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
+    if trusted_index is None:  # a shard gets the table's few-shot rows (`Shard.trusted`)
+        trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
     if test is not None:
         name = f"test table {test.source}" if test.source else "test table"
         if test.num_classes != train.num_classes:
@@ -141,9 +143,13 @@ def check_training_inputs(cfg: Config, train: ImageTable, annotations,
 
 
 def prepare_training_data(cfg: Config, train: ImageTable, annotations,
-                          test: ImageTable | None) -> TrainingData:
-    """Check the tables against each other and move them to the device (one copy, uint8)."""
-    checked = check_training_inputs(cfg, train, annotations, test)
+                          test: ImageTable | None, comm=None, shard=None) -> TrainingData:
+    """Check the tables against each other and move them to the device (one copy, uint8).
+    With a `shard` (`coreg_ray.data.shards.Shard`), `train`, `annotations` and `test` are this
+    rank's rows only; the few statistics over the whole table (channel mean/std, whether every
+    image is gray) are all-reduced over `comm`, so every rank normalises alike."""
+    checked = check_training_inputs(cfg, train, annotations, test,
+                                    None if shard is None else shard.trusted_local())
     device, cand, probs, size = checked.device, checked.candidates, checked.probs, checked.size
     prec = cfg.train.precision
     bf16 = (prec == "bf16") or (prec == "auto" and device.type == "cuda")
@@ -155,10 +161,15 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
     cand, trusted = apply_few_shot(cand, train.labels, trusted_index) \
         if len(trusted_index) else (cand, np.zeros(len(cand), bool))
     images = resize_images(train.images, size)
-    mean, std = channel_stats(images)
+    if shard is None:
+        mean, std, gray = (*channel_stats(images), grayscale_view(cfg, images))
+    else:
+        mean, std, gray = _shared_stats(cfg, images, comm, device)
+    test_images = resize_images(test.images, size) if test is not None else None
+    where = placement(cfg, device, images, test_images, shard)
     test_dev = None
     if test is not None:
-        test_dev = (resize_images(test.images, size).to(device),
+        test_dev = (test_images.to(device) if where == "device" else test_images,
                     torch.as_tensor(test.labels, device=device))
     soft = None
     if probs is not None:
@@ -167,14 +178,51 @@ def prepare_training_data(cfg: Config, train: ImageTable, annotations,
             soft[torch.as_tensor(trusted_index, device=device)] = torch.as_tensor(
                 cand[trusted_index], dtype=torch.float32, device=device)
     data = TrainingData(
-        device=device, bf16=bf16, channels_last=channels_last, images=images.to(device),
+        device=device, bf16=bf16, channels_last=channels_last,
+        images=images.to(device) if where == "device" else images,
         candidates=torch.as_tensor(cand, dtype=torch.float32, device=device),
         trusted=torch.as_tensor(trusted, device=device), trusted_index=trusted_index,
         labels=None if train.labels is None else torch.as_tensor(train.labels, device=device),
         test=test_dev, soft_targets=soft,
         aug=DeviceAugment(mean, std, size, cfg.data.crop_padding, cfg.data.strong_ops, device,
-                          cfg.train.seed, cfg.data.hflip, grayscale_view(cfg, images)),
+                          cfg.train.seed, cfg.data.hflip, gray),
         mean=mean, std=std, classes=list(train.classes), num_classes=train.num_classes,
         n=len(train), image_size=size)
     data.fingerprint = checked.fingerprint  # what a checkpoint of this run is tied to
+    data.shard = shard
+    if shard is not None:  # the whole table's (the driver's, from its columns) and this rank's
+        data.fingerprint, data.shard_fingerprint = shard.fingerprint, checked.fingerprint
+    data.placement = where
+    if where == "host" and device.type == "cuda":  # batches gathered by index and copied
+        data.images = images.pin_memory()
     return data
+
+
+def _shared_stats(cfg: Config, images: torch.Tensor, comm, device):
+    """channel_stats and grayscale_view over every rank's images: float64 sums all-reduced."""
+    s = torch.zeros(7, dtype=torch.float64)
+    for chunk in images.split(8192):  # as channel_stats
+        x = chunk.double() / 255.0
+        s[:3] += x.sum((0, 2, 3))
+        s[3:6] += (x * x).sum((0, 2, 3))
+        s[6] += x.shape[0] * x.shape[2] * x.shape[3]
+    gray = torch.tensor([1 if grayscale_view(cfg, images) else 0])
+    s = comm.all_reduce_sum(s.to(device)).cpu()  # on the device: NCCL reduces nothing else
+    gray = comm.all_reduce_min(gray.to(device)).cpu()
+    n = int(s[6].item())
+    mean = s[:3] / n
+    std = (s[3:6] / n - mean * mean).clamp_min(1e-8).sqrt()
+    return mean.float().tolist(), std.clamp_min(1e-3).float().tolist(), bool(gray.item())
+
+
+def placement(cfg: Config, device: torch.device, images: torch.Tensor,
+              test_images: torch.Tensor | None, shard) -> str:
+    """`data.placement`: device (the images live on the training device), host (in host
+    memory, pinned on CUDA; each batch gathered by index and copied) or auto: device when
+    this rank's images fit in half the device's free memory, host otherwise."""
+    want = getattr(cfg.data, "placement", "auto")
+    if want != "auto" or device.type != "cuda":
+        return "device" if want == "auto" else want
+    free, _ = torch.cuda.mem_get_info(device)
+    need = images.numel() + (test_images.numel() if test_images is not None else 0)
+    return "device" if need < 0.5 * free else "host"

@@ -20,16 +20,23 @@ def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
     return torch.softmax(logp, dim=1)
 
 
-def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+def minmax_normalize(x: torch.Tensor, comm=None) -> torch.Tensor:
+    """(x - min) / (max - min); with `comm`, min and max over every rank's rows."""
     lo, hi = x.min(), x.max()
+    if comm is not None:
+        lo, hi = comm.all_reduce_min(lo), comm.all_reduce_max(hi)
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def classwise_minmax(x: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+def classwise_minmax(x: torch.Tensor, classes: torch.Tensor, num_classes: int,
+                     comm=None) -> torch.Tensor:
     """Min-max normalise `x` separately within each class group (classes: [N] long). Used by
-    the class-balanced split: classes the net is less sure of are not all pushed into U."""
+    the class-balanced split: classes the net is less sure of are not all pushed into U. With
+    `comm`, each class's min and max are over every rank's rows."""
     lo = torch.full((num_classes,), float("inf"), device=x.device).scatter_reduce(0, classes, x, "amin")
     hi = torch.full((num_classes,), float("-inf"), device=x.device).scatter_reduce(0, classes, x, "amax")
+    if comm is not None:
+        lo, hi = comm.all_reduce_min(lo), comm.all_reduce_max(hi)
     return (x - lo[classes]) / (hi[classes] - lo[classes]).clamp_min(1e-12)
 
 

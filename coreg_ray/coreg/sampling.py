@@ -2,8 +2,9 @@
 run from one formula (`epoch_seed`), and the index batches (`shard`, `split_batches`).
 
 Draws are re-seeded per epoch, so a resumed run replays exactly the epochs a killed run would
-have run. Batch orders are shared by every rank (each rank then takes its share); view draws
-(augmentations, MixUp) are each rank's own, so N workers draw independent but reproducible
+have run. Each rank shuffles its own rows (its shard of the table; one process: all of them)
+and every rank makes the same number of steps; view draws (augmentations, MixUp) are each
+rank's own, so N workers draw independent but reproducible
 views. The constants are those every recorded run was made with: changing one changes every
 number (the quickstart's table included).
 """
@@ -36,41 +37,54 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0, rank: int | None = None) 
     return base if rank is None else base * RANK_STRIDE + rank
 
 
+SHARD_STRIDE = 104_729  # a prime: rank r shuffles its own rows with seed + r * SHARD_STRIDE
+
+
+def _rank_generator(seed: int, rank: int) -> torch.Generator:
+    """Rank r's shuffles of its own rows (rank 0, and so one process, uses `seed` itself)."""
+    return torch.Generator().manual_seed(seed + rank * SHARD_STRIDE)
+
+
 def shard(n: int, seed: int, batch: int, comm, device, keep_last: bool = False):
-    """This rank's batches of one epoch: a permutation of range(n) shared by all ranks (`seed`),
-    dealt round-robin. `batch` is the global batch: each of W ranks takes batch // W, and every
-    rank gets the same number of batches of the same sizes (the permutation's last n mod W
-    samples sit out this epoch), so DDP's collectives match. `keep_last` keeps the last
-    partial batch (the reference's warm-up loader does)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    """This rank's batches of one epoch over its own `n` rows (local indices; every rank owns a
+    contiguous shard of the table, `coreg_ray.data.shards`): a permutation of range(n) seeded
+    per rank, of which every rank keeps as many as the smallest shard holds. `batch` is the
+    global batch: each of W ranks takes batch // W, and every rank gets the same number of
+    batches of the same sizes, so DDP's collectives match. `keep_last` keeps the last partial
+    batch (the reference's warm-up loader does). One process: a permutation of all n rows."""
     w = comm.world_size
-    mine = perm[:(n // w) * w][comm.rank::w].to(device)
-    batch = min(max(1, batch // w), len(mine))
-    steps = -(-len(mine) // batch) if keep_last else max(1, len(mine) // batch)
+    perm = torch.randperm(n, generator=_rank_generator(seed, comm.rank))
+    m = n if w == 1 else int(comm.all_reduce_min(torch.tensor([n], device=device)).item())
+    mine = perm[:m].to(device)
+    batch = min(max(1, batch // w), m)
+    steps = -(-m // batch) if keep_last else max(1, m // batch)
     return [mine[i * batch:(i + 1) * batch] for i in range(steps)]
 
 
 def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_unlabeled=True):
-    """(P, U) index batches of one net's pass: as many steps as P fills full batches on this
-    rank; U is cycled to give every step a U batch of the same size (None: no U). Global batch,
-    equal shares: every rank gets the same number of equal-sized batches (the split is the same
-    on all ranks), which DDP and the all_gathers need."""
-    r, w = comm.rank, comm.world_size
+    """(P, U) index batches of one net's pass over this rank's rows (`is_p`: its own rows'
+    split): as many steps as the rank with the fewest P rows fills full batches; U is cycled to
+    give every step a U batch of the same size (None: no U, on every rank if one has none).
+    Global batch, equal shares: every rank gets the same number of equal-sized batches, which
+    DDP and the all_gathers need."""
+    w = comm.world_size
     bs = max(1, batch // w)
-    g = torch.Generator().manual_seed(seed)
+    g = _rank_generator(seed, comm.rank)
     p_idx = torch.nonzero(is_p.cpu()).view(-1)  # one host sync per epoch
     u_idx = torch.nonzero(~is_p.cpu()).view(-1)
-    p_idx = p_idx[torch.randperm(len(p_idx), generator=g)]
-    u_idx = u_idx[torch.randperm(len(u_idx), generator=g)]
-    p_mine = p_idx[:(len(p_idx) // w) * w][r::w].to(device)
-    u_mine = u_idx[:(len(u_idx) // w) * w][r::w].to(device)
-    if len(p_mine) == 0:
+    p_mine = p_idx[torch.randperm(len(p_idx), generator=g)].to(device)
+    u_mine = u_idx[torch.randperm(len(u_idx), generator=g)].to(device)
+    p_least, u_least = len(p_mine), len(u_mine)
+    if w > 1:
+        p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least],
+                                                             device=device)).tolist()
+    if p_least == 0:
         return []
-    bs = min(bs, len(p_mine))
+    bs = min(bs, p_least)
     batches = []
-    for i in range(len(p_mine) // bs):
+    for i in range(p_least // bs):
         ix = p_mine[i * bs:(i + 1) * bs]
         iu = u_mine[(i * bs + torch.arange(bs, device=device)) % len(u_mine)] \
-            if len(u_mine) and use_unlabeled else None
+            if u_least and use_unlabeled else None
         batches.append((ix, iu))
     return batches

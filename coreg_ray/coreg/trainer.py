@@ -12,7 +12,10 @@ in its own train-mode forward, then the mixed batch, then the unmixed strong vie
 contrastive branch, which runs (key update, queue) from the first post-warm-up epoch on while
 its loss waits `coreg.feature_delay` epochs; prototypes follow P's weak features from then on.
 
-The whole training set lives on the device as uint8; views are made there (`DeviceAugment`).
+The training images live on the device as uint8 (or in host memory, batches gathered by index:
+`data.placement`); views are made there (`DeviceAugment`). With a `Shard` (Ray Train), a rank
+holds only its own rows and their per-sample state; whole-table decisions come from small
+collectives (`comm`): the alignment mean, min/max, the GMM on the N gathered scalar losses.
 Every random draw is re-seeded per (seed, rank, epoch) by `sampling.epoch_seed`, so a resumed
 run replays exactly the epochs a killed run would have run, and N workers draw independent but
 reproducible views.
@@ -54,6 +57,7 @@ from coreg_ray.coreg.device_data import (CheckedInputs, TrainingData, check_trai
                                          data_fingerprint, grayscale_view, prepare_training_data,
                                          resize_images, resolve_device)
 from coreg_ray.coreg.moco import MoCoQueue
+from coreg_ray.coreg.persist import Persistence
 from coreg_ray.coreg.optim import close_epoch, compile_nets, cosine_lr, make_sgd, set_lr  # noqa: F401
 
 # Per-epoch loss terms of a Co-Reg epoch (summed per step, reported as means).
@@ -62,12 +66,15 @@ LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
 TALLIES = ("p_correct", "p_count", "u_correct", "u_count", "steps")
 
 
-class CoReg:
-    """`CoReg(config).fit(train_table, annotations, test_table, output_dir)` -> final metrics."""
+class CoReg(Persistence):
+    """`CoReg(config).fit(train_table, annotations, test_table, output_dir)` -> final metrics.
+    Checkpoints, per-shard state and the exported model: `coreg_ray.coreg.persist`."""
 
-    def __init__(self, config: Config | None = None, comm=None, callbacks=(), progress=True):
+    def __init__(self, config: Config | None = None, comm=None, callbacks=(), progress=True,
+                 shard=None):
         self.cfg = config or Config()
         self.comm = comm or LocalComm()
+        self.shard = shard  # `coreg_ray.data.shards.Shard`: this rank's rows (None: all rows)
         self.callbacks = list(callbacks)
         self.progress = progress and self.comm.rank == 0
         self.history: list[dict] = []
@@ -75,12 +82,16 @@ class CoReg:
     # ------------------------------------------------------------------------ set-up
     def _prepare(self, train: ImageTable, annotations, test: ImageTable | None):
         cfg = self.cfg
-        data = prepare_training_data(cfg, train, annotations, test)
+        data = prepare_training_data(cfg, train, annotations, test, self.comm, self.shard)
         self.data = data
         for name in ("device", "bf16", "channels_last", "images", "candidates", "trusted",
                      "trusted_index", "labels", "test", "aug", "mean", "std", "classes",
                      "num_classes", "n", "image_size"):
             setattr(self, name, getattr(data, name))
+        self.ids = train.ids  # this rank's ids (all of them in one process), as read
+        self.counts = [self.n] if self.shard is None else self.shard.counts
+        self.lo = 0 if self.shard is None else self.shard.bounds[0]
+        self.n_total = sum(self.counts)
         dev = self.device
         # Models: same seed on every rank, so DDP replicas start identical.
         torch.manual_seed(cfg.train.seed)
@@ -139,8 +150,9 @@ class CoReg:
         if self.output_dir and self.comm.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if initial_state is not None:  # a state the caller already read
+            initial_state = dict(initial_state)
             self.load_state(initial_state, str(self.output_dir / CHECKPOINT) if self.output_dir
-                            else "checkpoint")
+                            else "checkpoint", shards=initial_state.pop("shard_states", None))
         elif resume and self.output_dir and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)
         bar = None
@@ -200,7 +212,7 @@ class CoReg:
             for idx in self._shard(epoch, self.cfg.train.warmup_batch_size, stream=k,
                                    keep_last=True):
                 with self._autocast():
-                    logits = net(self._cl(self.aug.strong(self.images[idx])))
+                    logits = net(self._cl(self.aug.strong(self._take(self.images, idx))))
                 logits = logits.float()
                 loss = warmup_loss(logits, self.candidates[idx])
                 opt.zero_grad(set_to_none=True)
@@ -215,32 +227,45 @@ class CoReg:
 
     def _record_predictions(self, k: int, idx: torch.Tensor, probs: torch.Tensor) -> None:
         """Net k's per-sample prediction table for distribution alignment (the reference's
-        `pseudo_distribution`): rows of `idx` <- `probs`, gathered over ranks."""
+        `pseudo_distribution`): this rank's rows of `idx` <- `probs`."""
         if not self.cfg.coreg.distribution_alignment:
             return
-        self.pred_table[k][self.comm.all_gather(idx)] = self.comm.all_gather(probs.float())
+        self.pred_table[k][idx] = probs.float()
+
+    def _take(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of `images` on the training device (gathered in host memory and copied
+        when `data.placement` keeps them there)."""
+        if images.device == self.device:
+            return images[idx]
+        return images[idx.cpu()].to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def _predict_all(self, net, images, weak: bool) -> torch.Tensor:
-        """Softmax (weak view) or logits (plain view) for every image, computed in large no-grad
-        batches, sharded over ranks and gathered."""
+        """Softmax (weak view) or logits (plain view) for every image of `images` (this rank's),
+        computed in large no-grad batches."""
         self.comm.sync_buffers(net)  # one model: rank 0's BatchNorm statistics on every rank
         net.eval()
-        n, world = len(images), self.comm.world_size
-        per = -(-n // world)
-        mine = (torch.arange(per * world, device=self.device) % n)[self.comm.rank * per:(self.comm.rank + 1) * per]
-        outs = []
-        for chunk in mine.split(self.cfg.train.eval_batch_size):
-            x = images[chunk]
+        outs = [torch.zeros(0, self.num_classes, device=self.device)] if len(images) == 0 else []
+        for chunk in torch.arange(len(images), device=self.device).split(self.cfg.train.eval_batch_size):
+            x = self._take(images, chunk)
             x = self.aug.weak(x) if weak else self.aug.plain(x)
             with self._autocast():
                 logits = net(self._cl(x)).float()
             outs.append(F.softmax(logits, 1) if weak else logits)
-        return self.comm.all_gather(torch.cat(outs))[:n]
+        return torch.cat(outs)
+
+    def _mean(self, x: torch.Tensor) -> float:
+        """The mean of `x` over every rank's rows (NaN for none)."""
+        if self.comm.world_size == 1:
+            return x.float().mean().item()
+        t = self.comm.all_reduce_sum(torch.stack([x.double().sum(), torch.tensor(
+            float(len(x)), dtype=torch.float64, device=x.device)]))
+        return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
     def accuracy(self, images, labels) -> float:
+        """Test accuracy over every rank's share of the test table."""
         logits = sum(self._predict_all(n, images, weak=False) for n in self.raw_nets)
-        return (logits.argmax(1) == labels).float().mean().item()
+        return self._mean(logits.argmax(1) == labels)
 
     def divide(self, epoch: int) -> dict:
         """Per network: aligned division loss on weak views, min-max normalised, averaged over
@@ -254,25 +279,27 @@ class CoReg:
                 probs = self._align(k, probs)
             self.scores[k] = probs
             loss = division_loss(probs, self.candidates)
-            if c.class_balanced_split:
+            if c.class_balanced_split:  # per-class min/max over every rank's rows
                 pseudo = (probs * self.candidates).argmax(1)
-                loss = classwise_minmax(loss, pseudo, self.num_classes)
-            loss = minmax_normalize(loss).cpu()
+                loss = classwise_minmax(loss, pseudo, self.num_classes, self.comm)
+            loss = minmax_normalize(loss, self.comm).cpu()
             hist = self.div_history[k]
             hist.append(loss)
             del hist[:-c.division_history]
-            avg = torch.stack(hist).mean(0).numpy()
+            # the GMM: fitted on every row's averaged loss (N scalars, gathered in row order),
+            # so every rank finds the split one process holding every row would
+            avg = self.comm.gather_rows(torch.stack(hist).mean(0).to(self.device),  # NCCL:
+                                        self.counts).cpu().numpy()  # collectives on the device
             check_finite({"loss_division": float(avg.sum())}, epoch)  # overflowed predictions
             w = gmm_clean_probability(avg, c.gmm_max_iter, c.gmm_tol, c.gmm_reg_covar,
-                                      seed=self.cfg.train.seed)
+                                      seed=self.cfg.train.seed)[self.lo:self.lo + self.n]
             w = torch.as_tensor(w, dtype=torch.float32, device=self.device)
             self.split_w[k] = torch.where(self.trusted, torch.ones_like(w), w)
             is_p = self.split_w[k] > c.p_threshold
-            stats[f"p_fraction_net{k + 1}"] = is_p.float().mean().item()
+            stats[f"p_fraction_net{k + 1}"] = self._mean(is_p)
             if self.labels is not None:
                 truth_in = self.candidates[torch.arange(self.n, device=self.device), self.labels] > 0
-                stats[f"p_precision_net{k + 1}"] = (truth_in[is_p].float().mean().item()
-                                                    if is_p.any() else float("nan"))
+                stats[f"p_precision_net{k + 1}"] = self._mean(truth_in[is_p])
         stats["p_fraction"] = 0.5 * (stats["p_fraction_net1"] + stats["p_fraction_net2"])
         return stats
 
@@ -282,9 +309,13 @@ class CoReg:
         (rows not yet reached this pass still hold their last prediction, from the previous
         divide pass or the warm-up)."""
         table, out = self.pred_table[k], torch.empty_like(probs)
-        for chunk in torch.arange(self.n, device=self.device).split(self.cfg.train.eval_batch_size):
+        chunks = list(torch.arange(self.n, device=self.device).split(self.cfg.train.eval_batch_size))
+        if self.comm.world_size > 1:  # every rank takes part in every chunk's mean
+            most = int(self.comm.all_reduce_max(torch.tensor([len(chunks)], device=self.device)).item())
+            chunks += [chunks[0][:0]] * (most - len(chunks))
+        for chunk in chunks:
             table[chunk] = probs[chunk]
-            out[chunk] = distribution_alignment(probs[chunk], table.mean(0))
+            out[chunk] = distribution_alignment(probs[chunk], self.comm.mean_rows(table, self.n_total))
         return out
 
     def coreg_epoch(self, epoch: int) -> dict:
@@ -332,8 +363,8 @@ class CoReg:
             self.raw_nets[peer].eval()
         for step, (ix, iu) in enumerate(batches):
             ramp = min(1.0, max(0.0, (epoch - warm + step / len(batches)) / max(c.rampup_epochs, 1)))
-            x = self.images[ix]
-            u = self.images[iu] if iu is not None else x[:0]
+            x = self._take(self.images, ix)
+            u = self._take(self.images, iu) if iu is not None else x[:0]
             t = self._targets(a, peer, ix, iu, x, u)  # weak views, no grad: P and U targets
             mixed = self._strong_mixup(x, u, t)  # strong views, MixUp over P and U
             out = self._forward(a, mixed, grad_query=use_cont or c.candidate_loss_weight > 0)
@@ -472,74 +503,3 @@ class CoReg:
             if iu is not None:
                 acc["u_correct"] += (t.hard[bx:] == self.labels[iu]).sum()
                 acc["u_count"] += len(iu)
-
-    # ------------------------------------------------------------------------ persistence
-    def checkpoint_state(self, epoch: int) -> dict:
-        return {
-            "epoch": epoch, "config": self.cfg.to_dict(),
-            "nets": [n.state_dict() for n in self.raw_nets],
-            "key_nets": [n.state_dict() for n in self.key_nets],
-            "opts": [o.state_dict() for o in self.opts],
-            "prototypes": self.prototypes, "queues": [q.state() for q in self.queues],
-            "div_history": self.div_history, "pred_table": self.pred_table,
-            "split_w": self.split_w, "scores": self.scores, "history": self.history, "elapsed": self.elapsed,
-            "torch_rng": torch.get_rng_state(),
-            "data": getattr(self.data, "fingerprint", None),  # what it was made on (resume checks)
-        }
-
-    def save_checkpoint(self, path: Path, epoch: int) -> None:
-        """Atomic: write a temp file, then rename over the old checkpoint."""
-        if self.comm.rank != 0:
-            return
-        from coreg_ray.outputs import atomic_path
-
-        with atomic_path(path) as tmp:  # the temp file is removed on any failure, Ctrl-C too
-            torch.save(self.checkpoint_state(epoch), tmp)
-
-    def load_checkpoint(self, path) -> None:
-        self.load_state(read_checkpoint(path), str(path))
-
-    def load_state(self, state: dict, where: str = "checkpoint") -> None:
-        """Restore a checkpoint after checking it was made for this model and data (one line
-        if not, or if its contents do not fit)."""
-        check_checkpoint(state, where, getattr(self.data, "fingerprint", None), self.cfg)
-        try:
-            self._load_state(state)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            first = " ".join(str(exc).split())[:200]
-            raise CoregError(f"{where}: its contents do not fit this run ({type(exc).__name__}: "
-                             f"{first}); train into a new --output") from None
-
-    def _load_state(self, state: dict) -> None:
-        for net, sd in zip(self.raw_nets, state["nets"]):
-            net.load_state_dict(sd)
-        for net, sd in zip(self.key_nets, state["key_nets"]):
-            net.load_state_dict(sd)
-        for opt, sd in zip(self.opts, state["opts"]):
-            opt.load_state_dict(sd)
-        self.prototypes = state["prototypes"].to(self.device)
-        for q, s in zip(self.queues, state["queues"]):
-            q.feats, q.labels, q.is_p, q.ptr = (s["feats"].to(self.device), s["labels"].to(self.device),
-                                               s["is_p"].to(self.device), s["ptr"])
-        self.div_history = [[t.cpu() for t in h] for h in state["div_history"]]
-        self.pred_table = [t.to(self.device) for t in state["pred_table"]]
-        self.split_w = [t.to(self.device) for t in state["split_w"]]
-        self.scores = [t.to(self.device) for t in state["scores"]]
-        self.history = list(state["history"])
-        self.elapsed = state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        self.start_epoch = state["epoch"] + 1
-
-    def export(self) -> dict:
-        """What `model.pt` holds: enough to predict without the training data."""
-        return {"format": "coreg-ray/1", "backbone": self.cfg.model.backbone,
-                "num_classes": self.num_classes, "classes": self.classes,
-                "image_size": self.image_size, "proj_dim": self.cfg.model.proj_dim,
-                "mean": self.mean, "std": self.std,
-                "nets": [{k: v.cpu() for k, v in n.state_dict().items()} for n in self.raw_nets]}
-
-    def save_model(self, path) -> None:
-        from coreg_ray.outputs import atomic_path
-
-        with atomic_path(path) as tmp:
-            torch.save(self.export(), tmp)

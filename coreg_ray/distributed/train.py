@@ -2,19 +2,26 @@
 
 `train_distributed(...)` is `coreg-ray train --workers N [--gpus-per-worker G]`:
 
+- The driver never decodes the pool: it reads the tables' columns (ids, labels, class names; one
+  image header for the working size) through a row source (`coreg_ray.data.shards`), checks the
+  tables against each other (annotations aligned by id, classes, few-shot rows) and puts the
+  aligned annotation table in the object store. Rank r of W owns rows [r N / W, (r + 1) N / W)
+  of the training table (and of the test table) and reads and decodes only those.
 - Every worker runs Co-Reg (`coreg_ray.methods.run_method`, as every run does) with a
-  `TorchDistComm` (gloo on CPU, NCCL on GPU) and its report as the epoch callback. The trainer does
-  the distributed parts itself: each rank trains on its share of a per-epoch permutation shared by
-  all ranks (`train.batch_size` is the global batch), the divide pass gathers every image's
-  prediction so all ranks fit the same GMM over the whole set, MoCo keys and prototype features
-  are all_gathered, metrics are all_reduced.
-- After every `train.checkpoint_every` epochs (and the last) rank 0 reports a Ray Train checkpoint
-  (`checkpoint.pt` = `CoReg.checkpoint_state`, plus `model.pt` at the end) to
-  `RunConfig(storage_path, name)`; the other ranks report metrics only. On start, a worker group
-  restores from `ray.train.get_checkpoint()` (`CoReg.fit(initial_state=...)`): after a worker
-  failure (`FailureConfig(max_failures)`) and when a run with the same `storage_path/name` is
-  launched again (Train V2 reloads the run's checkpoint list from storage), so a finished or
-  interrupted run resumes instead of restarting.
+  `TorchDistComm` (gloo on CPU, NCCL on GPU), its `Shard` and its report as the epoch callback.
+  The trainer does the distributed parts itself: each rank trains on batches of its own rows
+  (`train.batch_size` is the global batch; equal step counts), per-sample state stays with the
+  rows' owner, the divide pass gathers only the N scalar losses for the GMM (every rank fits the
+  same one), MoCo keys and prototype features are all_gathered, metrics are all_reduced.
+- After every `train.checkpoint_every` epochs (and the last) every rank reports into one Ray
+  Train checkpoint: rank 0 `checkpoint.pt` (`CoReg.checkpoint_state` without per-sample state),
+  `manifest.json` (and `model.pt` at the end), each rank its `shard-RRRRR.pt`
+  (`coreg_ray.coreg.persist`). On start, a worker group restores from
+  `ray.train.get_checkpoint()` (`CoReg.fit(initial_state=...)`, re-sharded when the world size
+  changed): after a worker failure (`FailureConfig(max_failures)`) and when a run with the same
+  `storage_path/name` is launched again (Train V2 reloads the run's checkpoint list from
+  storage), so a finished or interrupted run resumes instead of restarting; a relaunch on
+  another pool is refused by the driver in one line.
 - The driver resolves the config (`runs.resolve_config`) and writes OUTPUT/metrics.json, model.pt
   and config.yaml like `coreg_ray.runs.execute` (`runs.finish_run`), from the last checkpoint (so
   workers may live on other nodes: only `storage_path` must be shared).
@@ -110,15 +117,40 @@ def _worker_loop(loop: dict):
         cfg.train.device = "cpu"
     import warnings
 
+    import numpy as np
+
+    from coreg_ray.coreg.persist import MANIFEST
+    from coreg_ray.data.shards import Shard, shard_bounds
+    from coreg_ray.errors import CoregError
+
     # ray.get returns read-only NumPy arrays (zero copy); the trainer only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    train, ann, test = (ray.get(r) if r is not None else None for r in loop["data"])
+    src, test_src, ann = (ray.get(r) if r is not None else None for r in loop["data"])
+    shard = Shard(rank, world, loop["rows"], tuple(loop["trusted"]), loop["fingerprint"])
+    lo, hi = shard.bounds
+    train = src.read_rows(lo, hi, loop["size"])  # this rank's rows only, decoded here
+    ann = ann.subset(np.arange(lo, hi))
+    if not np.array_equal(ann.ids, train.ids):
+        raise CoregError(f"{train.source}: rows [{lo}, {hi}) changed since the driver checked "
+                         "them (their ids are not the annotated ones)")
+    test = None
+    if test_src is not None:
+        tlo, thi = shard_bounds(loop["test_rows"], world)[rank]
+        test = test_src.read_rows(tlo, thi, loop["size"])
 
     state, restored_from = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = safeload.load_state(Path(d) / CHECKPOINT, "cpu", "checkpoint")
+            if (Path(d) / MANIFEST).exists():  # the shard files overlapping this rank's rows
+                manifest = json.loads((Path(d) / MANIFEST).read_text())
+                at, files = 0, {}
+                for file, count in zip(manifest["files"], manifest["counts"]):
+                    if at < hi and at + count > lo:
+                        files[file] = safeload.load_state(Path(d) / file, "cpu", "checkpoint")
+                    at += count
+                state["shard_states"] = (manifest, files)
         restored_from = state["epoch"]
     ray_info = dict((state or {}).get("ray") or {"restores": []})
     if restored_from is not None:
@@ -139,13 +171,18 @@ def _worker_loop(loop: dict):
         metrics["epoch"] = epoch
         last = epoch == epochs - 1
         tmp, checkpoint = None, None
-        if rank == 0 and (last or (epoch + 1) % every == 0):
+        if last or (epoch + 1) % every == 0:  # every rank: its shard; rank 0 the rest
+            from coreg_ray.coreg.persist import shard_file
+
             tmp = Path(tempfile.mkdtemp(prefix="coreg-ckpt-"))
-            st = trainer.checkpoint_state(epoch)
-            st["ray"] = ray_info
-            torch.save(st, tmp / CHECKPOINT)
-            if last:
-                trainer.save_model(tmp / "model.pt")
+            torch.save(trainer.shard_state(), tmp / shard_file(rank))
+            if rank == 0:
+                st = trainer.checkpoint_state(epoch, per_sample=False)
+                st["ray"] = ray_info
+                torch.save(st, tmp / CHECKPOINT)
+                (tmp / MANIFEST).write_text(json.dumps(trainer.manifest(epoch)))
+                if last:
+                    trainer.save_model(tmp / "model.pt")
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if rank == 0:
@@ -162,7 +199,7 @@ def _worker_loop(loop: dict):
     # relaunched finished run restores its last epoch and trains nothing); Ray Train's per-epoch
     # report and checkpoint is the callback.
     run_method("coreg", cfg, train, ann, test, callbacks=[report, *loop["callbacks"]],
-               comm=TorchDistComm(), initial_state=state)
+               comm=TorchDistComm(), initial_state=state, shard=shard)
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -172,7 +209,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                       cpus_per_worker: float | None = None, image_size=None, limit=None,
                       mlflow: bool = True, run_name: str | None = None, callbacks=(),
                       num_to_keep: int | None = 2, ray_address: str | None = None,
-                      register: str | None = None, log=print) -> dict:
+                      register: str | None = None, log=print, plan_only: bool = False,
+                      gpu_memory_gb: float = 80.0) -> dict:
     """`coreg-ray train --workers N`: Co-Reg in a Ray Train `TorchTrainer` (module doc).
 
     storage_path: where Ray Train keeps checkpoints (default OUTPUT/ray; on a multi-node cluster
@@ -180,9 +218,12 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     Launching again with the same storage_path and name resumes that run.
     callbacks: extra picklable epoch callbacks run on every worker (e.g. `FailOnce`).
     register: a registered model name for the run's MLflow model (needs tracking).
+    plan_only: log the memory plan (`coreg_ray.distributed.plan`) and return {"plan": ...}
+    without writing or training anything. Every run is checked against it first: one that
+    cannot fit GPUs of `gpu_memory_gb` is refused in one line before any worker starts.
     """
     from coreg_ray.coreg.trainer import CHECKPOINT
-    from coreg_ray.data import annotation_stats, load_run_inputs
+    from coreg_ray.data import annotation_stats
 
     if workers < 1:
         raise CoregError(f"--workers must be >= 1, got {workers}")
@@ -194,26 +235,23 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     cfg = resolve_config(RunSpec(images, annotations, out, config, overrides, run_name=run_name,
                                  tracking=mlflow, register=register), None, out / "config.yaml")
     size = image_size or cfg.data.image_size
-    train, test, ann = load_run_inputs(images, annotations, test_images, size, limit)
-    if test is not None and test.labels is None:
-        raise CoregError("test table has no labels: nothing to measure accuracy against")
+    inputs = check_sharded_inputs(cfg, images, annotations, test_images, size, limit, workers)
+    src, test_src, train, test, ann, checked = inputs
     stats = annotation_stats(ann, train.labels)
-    # Fail here, once, on what would otherwise fail on every worker and every restart.
-    import copy
-
-    from coreg_ray.coreg.models import build_model
-    from coreg_ray.coreg.trainer import check_training_inputs
-
-    driver_cfg = copy.deepcopy(cfg)
-    driver_cfg.train.device = "cpu"  # the workers pick their own devices
-    check_training_inputs(driver_cfg, train, ann, test)
-
-    build_model(cfg.model.backbone, train.num_classes, size or train.image_size, cfg.model.proj_dim)
-    out.mkdir(parents=True, exist_ok=True)
     storage = storage_path or str((out / "ray").resolve())
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     name = name or out.resolve().name
+    check_previous_run(storage, name, checked.fingerprint, cfg)
+    from coreg_ray.distributed.plan import describe, plan_run
+
+    plan = plan_run(cfg, len(train), len(test) if test is not None else 0, checked.size,
+                    train.num_classes, workers, gpus_per_worker, gpu_memory_gb)
+    if plan_only:
+        for line in describe(plan):
+            log(line)
+        return {"plan": plan}
+    out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
 
     ray, _ = start_ray(ray_address)
@@ -226,7 +264,11 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     loop = {"config": cfg.to_dict(), "gpus_per_worker": gpus_per_worker,
-            "data": [ray.put(train), ray.put(ann), ray.put(test) if test is not None else None],
+            "data": [ray.put(src), ray.put(test_src) if test_src is not None else None,
+                     ray.put(ann)],
+            "rows": len(train), "test_rows": len(test) if test is not None else 0,
+            "size": checked.size, "trusted": [int(i) for i in checked.trusted_index],
+            "fingerprint": checked.fingerprint,
             "callbacks": list(callbacks), "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop,
@@ -269,8 +311,59 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
                    restored_from_epochs=ray_info.get("restores", []),
                    ray_storage=f"{storage}/{name}", history=history)
     # metrics.json, curves.png, the tracker's final metrics, files and model as `execute` ends
-    return finish_run(out, metrics, tracker, train, register,
+    example = None  # the MLflow model's input example: two images (the only ones decoded here)
+    if tracker.run_id is not None:
+        example = src.read_rows(0, min(2, len(train)), checked.size)
+    return finish_run(out, metrics, tracker, example, register,
                       run_title(images, cfg, f"{workers} workers"))
+
+
+def check_sharded_inputs(cfg, images, annotations, test_images, size, limit, workers: int):
+    """The driver's checks from the tables' columns alone (no image decoded): (row source,
+    test row source or None, training columns, test columns or None, annotations aligned to the
+    training ids, `CheckedInputs`). One line for annotation ids missing from the pool or the
+    reverse, other classes, more workers than rows."""
+    import copy
+
+    from coreg_ray.coreg.models import build_model
+    from coreg_ray.coreg.trainer import check_training_inputs
+    from coreg_ray.data import AnnotationTable, read_annotations
+    from coreg_ray.data.shards import check_world, row_source
+
+    src = row_source(images, size, limit)
+    train = src.columns()
+    check_world(len(train), workers)
+    test_src = test = None
+    if test_images is not None:
+        test_src = row_source(test_images, size)
+        test = test_src.columns()
+        if test.labels is None:
+            raise CoregError("test table has no labels: nothing to measure accuracy against")
+        check_world(len(test), workers, "test table")
+    ann = annotations if isinstance(annotations, AnnotationTable) else \
+        read_annotations(annotations, train.num_classes)
+    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path))
+                       else "annotations")
+    # Fail here, once, on what would otherwise fail on every worker and every restart.
+    driver_cfg = copy.deepcopy(cfg)
+    driver_cfg.train.device = "cpu"  # the workers pick their own devices
+    checked = check_training_inputs(driver_cfg, train, ann, test)
+    build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
+    return src, test_src, train, test, ann, checked
+
+
+def check_previous_run(storage: str, name: str, fingerprint: dict, cfg) -> None:
+    """A relaunch resumes the run's last checkpoint: one line, before any worker starts, if that
+    checkpoint was made on another pool (rows, ids, classes, candidate sets) or model."""
+    if "://" in storage:
+        return  # remote storage: the workers check it when they restore
+    from coreg_ray.coreg.checkpoint import check_checkpoint
+    from coreg_ray.coreg.trainer import CHECKPOINT
+
+    found = sorted((Path(storage) / name).glob(f"checkpoint_epoch_*/{CHECKPOINT}"))
+    if found:
+        state = safeload.load_state(found[-1], "cpu", "checkpoint")
+        check_checkpoint(state, str(found[-1].parent), fingerprint, cfg)
 
 
 def summarize(metrics: dict) -> str:

@@ -32,8 +32,9 @@ SIMULATED_NOTE = "simulated VLM annotator — a stand-in, not a VLM"
 # Config keys added after results files were recorded, with the default that reproduces the
 # behaviour from before they existed. A recorded run whose fingerprint was computed without such
 # a key still matches while the key holds that value, so adding a key never reruns a finished
-# table. (data.strong_view: "auto" is the colour view for RGB tables, the only view before it.)
-ADDED_KEYS = ((("data", "strong_view"), "auto"),)
+# table. (data.strong_view: "auto" is the colour view for RGB tables, the only view before it;
+# data.placement: "auto" keeps the images on the device where they fit, as before it existed.)
+ADDED_KEYS = ((("data", "strong_view"), "auto"), (("data", "placement"), "auto"))
 
 
 # ============================================================================ the experiment file

@@ -1,0 +1,30 @@
+"""The single-process trainer keeps its numbers bit for bit: tiny runs recorded before the
+sharded trainer (tests/reference_runs.py -> tests/data/reference_runs.json) replayed exactly,
+every per-epoch number equal (floats compared with ==)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.reference_runs import CASES, run_case
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "reference_runs.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_single_process_numbers_are_unchanged(case):
+    got = json.loads(json.dumps(run_case(case)))  # the same float -> JSON round trip
+    assert got == RECORDED[case]
+
+
+@pytest.mark.slow
+def test_quickstart_numbers_are_unchanged(tmp_path, monkeypatch):
+    """The quickstart's table (3 epochs, seed 0, no tracking), recorded before the sharded
+    trainer (tests/data/quickstart_3_epochs.json): the same accuracies, exactly."""
+    from coreg_ray.quickstart import run_quickstart
+
+    monkeypatch.chdir(tmp_path)
+    res = run_quickstart(tmp_path / "qs", epochs=3, seed=0, mlflow=False, log=lambda *a: None)
+    got = [{"method": r["method"], "test_accuracy": r["test_accuracy"]} for r in res["rows"]]
+    recorded = json.loads((Path(__file__).parent / "data" / "quickstart_3_epochs.json").read_text())
+    assert got == recorded
