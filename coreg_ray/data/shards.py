@@ -30,6 +30,7 @@ import numpy as np
 
 from coreg_ray.data import tables
 from coreg_ray.data.tables import ImageTable
+from coreg_ray.data.ids import as_ids
 from coreg_ray.errors import CoregError
 
 # rows this process has decoded through a row source (tests prove a worker decodes its own)
@@ -109,7 +110,7 @@ class ParquetRows:
             tbl = tbl.slice(0, self.limit)
         if tbl.num_rows == 0:
             raise CoregError(f"{self.path}: no rows (no images)")
-        ids = tbl.column("id").to_numpy(zero_copy_only=False)
+        ids = as_ids(tbl.column("id"), str(self.path))  # int64 or str, kept as given
         labels = None
         if "label" in tbl.column_names:
             lab = tbl.column("label")
@@ -164,7 +165,7 @@ class ParquetRows:
             at += rows
         want = ["id", "image"] + (["label"] if "label" in cols else [])
         tbl = pf.read_row_groups(groups, columns=want).slice(lo - starts[0], hi - lo)
-        ids = tbl.column("id").to_numpy(zero_copy_only=False)
+        ids = as_ids(tbl.column("id"), str(self.path))  # int64 or str, kept as given
         blobs = tbl.column("image").to_pylist()
         for i, b in enumerate(blobs):
             if isinstance(b, dict):
