@@ -203,11 +203,9 @@ def _say_model(m: dict) -> None:
 
 
 def cmd_train(args):
-    if args.resume and args.overwrite:
-        raise CoregError("--resume continues the run in --output, --overwrite replaces it: "
-                         "give one of them")
-    if args.plan and not args.workers:
-        raise CoregError("--plan plans a Ray Train run: give --workers N (and --gpus-per-worker)")
+    from coreg_ray.cli_guards import check_train_flags
+
+    check_train_flags(args)
     if args.workers:  # Ray Train: N DDP workers (coreg_ray/distributed/train.py)
         from coreg_ray.distributed.train import summarize, train_distributed
 
@@ -218,10 +216,9 @@ def cmd_train(args):
                               limit=args.limit, mlflow=not args.no_mlflow, run_name=args.run_name,
                               register=args.register, plan_only=args.plan,
                               gpu_memory_gb=args.gpu_memory_gb)
-        if args.plan:  # printed by train_distributed; nothing trained or written
-            return
-        print(summarize(m))
-        _say_model(m)
+        if not args.plan:  # a plan is printed by train_distributed; nothing trained or written
+            print(summarize(m))
+            _say_model(m)
         return
     m = train_run(args.images, args.annotations, args.output, args.config, args.set or [],
                   args.test_images, args.resume, args.image_size, args.limit,

@@ -58,3 +58,12 @@ def check_device_flag(device: str, flag: str = "--device") -> None:
     if index >= torch.cuda.device_count():
         raise CoregError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_train_flags(args) -> None:
+    """`train`'s flags that exclude or need each other: one line each."""
+    if args.resume and args.overwrite:
+        raise CoregError("--resume continues the run in --output, --overwrite replaces it: "
+                         "give one of them")
+    if args.plan and not args.workers:
+        raise CoregError("--plan plans a Ray Train run: give --workers N (and --gpus-per-worker)")

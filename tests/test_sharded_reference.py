@@ -27,4 +27,6 @@ def test_quickstart_numbers_are_unchanged(tmp_path, monkeypatch):
     res = run_quickstart(tmp_path / "qs", epochs=3, seed=0, mlflow=False, log=lambda *a: None)
     got = [{"method": r["method"], "test_accuracy": r["test_accuracy"]} for r in res["rows"]]
     recorded = json.loads((Path(__file__).parent / "data" / "quickstart_3_epochs.json").read_text())
-    assert got == recorded
+    assert got[:len(recorded)] == recorded
+    # the true-labels ceiling row came after the recording: it is the table's last row
+    assert [r["method"] for r in got[len(recorded):]] == ["true labels (ceiling)"]
