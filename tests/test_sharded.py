@@ -349,3 +349,40 @@ def test_placement_choices():
     for want, got in (("auto", "device"), ("device", "device"), ("host", "host")):
         cfg = tiny_config(**{"data.placement": want})
         assert placement(cfg, torch.device("cpu"), images, None, None) == got
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_workers_train_on_pools_whose_ids_are_names(ray_runtime, digits, tmp_path):
+    """The pools of `docs/your-pool.md` on the sharded path: a folder of image files (ids are
+    relative paths; class sub-folders give labels) and a Parquet table with string ids, each
+    trained by 2 workers (the folder through the fallback that loads the table in each worker;
+    the Parquet table by row ranges), with the ids kept as given."""
+    from PIL import Image
+
+    from coreg_ray.data import load_image_table, synthetic_annotations, write_annotations, \
+        write_image_table
+    from coreg_ray.data.tables import ImageTable
+    from coreg_ray.distributed.train import train_distributed
+
+    train, test = digits[0].subset(np.arange(120)), digits[1].subset(np.arange(40))
+    folder = tmp_path / "photos"
+    for i, (img, y) in enumerate(zip(train.images.permute(0, 2, 3, 1).numpy(), train.labels)):
+        d = folder / train.classes[y] / ("cam 1" if i % 2 else "cam 2")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"shot {i:03d}.PNG")
+    loaded = load_image_table(str(folder))
+    named = ImageTable(train.images, np.array([f"img-{i}.jpg" for i in train.ids], object),
+                       train.labels, train.classes, "named")
+    write_image_table(named, tmp_path / "named" / "train.parquet")
+    over = {"train.epochs": 2, "train.warmup_epochs": 1, "coreg.feature_delay": 0}
+    for name, src, table in (("folder", str(folder), loaded),
+                             ("named", str(tmp_path / "named" / "train.parquet"), named)):
+        assert table.ids.dtype == object and isinstance(table.ids[0], str)
+        ann = synthetic_annotations(table.ids, table.labels, 10, q=0.2, eta=0.1, seed=0)
+        write_annotations(ann, tmp_path / f"{name}-ann.parquet")
+        m = train_distributed(src, str(tmp_path / f"{name}-ann.parquet"), tmp_path / name,
+                              tiny_config(**over), test_images=test, workers=2, mlflow=False,
+                              log=lambda *a: None)
+        assert [h["epoch"] for h in m["history"]] == [0, 1], name
+        assert (tmp_path / name / "model.pt").is_file(), name
