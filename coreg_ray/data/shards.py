@@ -111,12 +111,7 @@ class ParquetRows:
         if tbl.num_rows == 0:
             raise CoregError(f"{self.path}: no rows (no images)")
         ids = as_ids(tbl.column("id"), str(self.path))  # int64 or str, kept as given
-        labels = None
-        if "label" in tbl.column_names:
-            lab = tbl.column("label")
-            if lab.null_count:
-                raise CoregError(f"{self.path}: column 'label' has {lab.null_count} empty values")
-            labels = lab.to_numpy().astype(np.int64)
+        labels = tables.label_column(tbl, str(self.path))
         names = tables.read_classes(self.path)
         if names is None:
             if labels is None:

@@ -245,12 +245,7 @@ def _load_parquet(fs, paths, loc, size, limit, classes) -> ImageTable:
             blobs[i] = b.get("bytes")
         if blobs[i] is None:
             raise CoregError(f"{shown}: row id {id_text(ids[i])} has no image bytes")
-    labels = None
-    if "label" in tbl.column_names:
-        lab = tbl.column("label")
-        if lab.null_count:
-            raise CoregError(f"{shown}: column 'label' has {lab.null_count} empty values")
-        labels = lab.to_numpy().astype(np.int64)
+    labels = label_column(tbl, shown)
     one_file = list(paths) == [filesystem_of(loc)[1]]
     names = classes or read_classes_at((loc.parent if one_file else loc) / "classes.json")
     if len(ids) == 0:
@@ -262,6 +257,17 @@ def _load_parquet(fs, paths, loc, size, limit, classes) -> ImageTable:
     meta = {}
     images = decode_images(blobs, ids, size, shown, meta)
     return ImageTable(images, ids, labels, names, shown, meta)
+
+
+def label_column(tbl, shown: str):
+    """The `label` column of an Arrow table as int64 (None without one); empty values are one
+    line. Shared by the whole-table reader and the sharded one (`data.shards`)."""
+    if "label" not in tbl.column_names:
+        return None
+    lab = tbl.column("label")
+    if lab.null_count:
+        raise CoregError(f"{shown}: column 'label' has {lab.null_count} empty values")
+    return lab.to_numpy().astype(np.int64)
 
 
 def write_image_table(table: ImageTable, path: str | Path, fmt: str = "PNG") -> None:
