@@ -1,6 +1,7 @@
 """Tiny single-process Co-Reg runs whose every per-epoch number is pinned bit for bit
 (tests/test_sharded_reference.py; recorded by `python -m tests.reference_runs OUT.json` before
-the sharded trainer changed any code): the single-process path must keep them exactly."""
+the sharded trainer changed any code, and again after the reference bookkeeping of the Co-Reg
+phase was matched): the single-process path must keep them exactly."""
 import json
 import sys
 

@@ -63,28 +63,38 @@ def shard(n: int, seed: int, batch: int, comm, device, keep_last: bool = False):
 
 def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_unlabeled=True):
     """(P, U) index batches of one net's pass over this rank's rows (`is_p`: its own rows'
-    split): as many steps as the rank with the fewest P rows fills full batches; U is cycled to
-    give every step a U batch of the same size (None: no U, on every rank if one has none).
-    Global batch, equal shares: every rank gets the same number of equal-sized batches, which
-    DDP and the all_gathers need."""
+    split), as the reference's two loaders give them: one shuffled pass over P, its last partial
+    batch kept; U from a shuffled loader that is iterated again (a fresh shuffle) each time it
+    runs out, its last batch of a pass smaller. None for U: no U rows (on every rank if one has
+    none) or `use_unlabeled` off.
+
+    A batch of one row is never made (the projection head's BatchNorm cannot train on it; the
+    reference stops with an error there): a last P batch of one row is dropped, a last U batch
+    of one row is skipped for the next shuffle's first. Several ranks: each takes as many P and
+    U rows as the rank with the fewest holds (its own shuffle of them), so every rank gets the
+    same number of batches of the same sizes, which DDP and the all_gathers need."""
     w = comm.world_size
     bs = max(1, batch // w)
     g = _rank_generator(seed, comm.rank)
     p_idx = torch.nonzero(is_p.cpu()).view(-1)  # one host sync per epoch
     u_idx = torch.nonzero(~is_p.cpu()).view(-1)
-    p_mine = p_idx[torch.randperm(len(p_idx), generator=g)].to(device)
-    u_mine = u_idx[torch.randperm(len(u_idx), generator=g)].to(device)
-    p_least, u_least = len(p_mine), len(u_mine)
+    p_order = torch.randperm(len(p_idx), generator=g)
+    u_order = torch.randperm(len(u_idx), generator=g)
+    p_least, u_least = len(p_idx), len(u_idx)
     if w > 1:
         p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least],
                                                              device=device)).tolist()
-    if p_least == 0:
+    if p_least < 2:
         return []
-    bs = min(bs, p_least)
-    batches = []
-    for i in range(p_least // bs):
-        ix = p_mine[i * bs:(i + 1) * bs]
-        iu = u_mine[(i * bs + torch.arange(bs, device=device)) % len(u_mine)] \
-            if u_least and use_unlabeled else None
-        batches.append((ix, iu))
-    return batches
+    p_mine = p_idx[p_order[:p_least]].to(device)
+    sizes = [bs] * (p_least // bs) + ([p_least % bs] if p_least % bs > 1 else [])
+    p_batches = p_mine[:sum(sizes)].split(sizes)
+    if u_least < 2 or not use_unlabeled:
+        return [(ix, None) for ix in p_batches]
+    u_batches, u_perm, pos = [], u_idx[u_order[:u_least]], 0
+    for _ in p_batches:
+        if u_least - pos < 2:  # this shuffle is used up (or only one row is left): a new one
+            u_perm, pos = u_idx[torch.randperm(len(u_idx), generator=g)[:u_least]], 0
+        u_batches.append(u_perm[pos:pos + bs])
+        pos += len(u_batches[-1])
+    return [(ix, iu.to(device)) for ix, iu in zip(p_batches, u_batches)]

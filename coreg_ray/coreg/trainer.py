@@ -10,7 +10,10 @@ batch kept) and fills a per-sample prediction table, which distribution alignmen
 (chunk by chunk, as their eval pass does); in a Co-Reg step the trained net sees each weak view
 in its own train-mode forward, then the mixed batch, then the unmixed strong views of the
 contrastive branch, which runs (key update, queue) from the first post-warm-up epoch on while
-its loss waits `coreg.feature_delay` epochs; prototypes follow P's weak features from then on.
+its loss waits `coreg.feature_delay` epochs; prototypes follow P's weak features from then on,
+updated in each step before its prototype loss. A pass trains P's last partial batch and draws
+U from a shuffled pass begun again when it runs out (`sampling.split_batches`); alignment goes
+in chunks of one training batch; the MoCo queues start random (`moco`).
 
 The training images live on the device as uint8 (or in host memory, batches gathered by index:
 `data.placement`); views are made there (`DeviceAugment`). With a `Shard` (Ray Train), a rank
@@ -102,8 +105,9 @@ class CoReg(Persistence):
         self.nets = [self.comm.wrap(n) for n in self.raw_nets]
         self.opts = [make_sgd(n.parameters(), cfg.train) for n in self.raw_nets]
         self.prototypes = torch.zeros(self.num_classes, cfg.model.proj_dim, device=dev)
-        self.queues = [MoCoQueue.empty(cfg.coreg.queue_size, cfg.model.proj_dim, dev)
-                       for _ in range(2)]
+        self.queues = [MoCoQueue.random(cfg.coreg.queue_size, cfg.model.proj_dim,
+                                        self.num_classes, dev, seed=cfg.train.seed * 2 + k)
+                       for k in range(2)]
         self.div_history: list[list[torch.Tensor]] = [[], []]
         # each net's per-sample prediction table (distribution alignment divides by its mean)
         self.pred_table = [torch.full((self.n, self.num_classes), 1.0 / self.num_classes,
@@ -304,18 +308,24 @@ class CoReg(Persistence):
         return stats
 
     def _align(self, k: int, probs: torch.Tensor) -> torch.Tensor:
-        """Distribution alignment as the reference runs it: chunk by chunk in index order, each
-        chunk first written into net k's prediction table, then divided by the table's mean
-        (rows not yet reached this pass still hold their last prediction, from the previous
-        divide pass or the warm-up)."""
+        """Distribution alignment as the reference runs it: chunk by chunk in index order, in
+        chunks of one training batch (their eval loader's), each chunk first written into net
+        k's prediction table, then divided by the table's mean (rows not yet reached this pass
+        still hold their last prediction, from the previous divide pass or the warm-up). The
+        mean is kept as a running float64 sum over every rank's rows: O(chunk) per chunk."""
         table, out = self.pred_table[k], torch.empty_like(probs)
-        chunks = list(torch.arange(self.n, device=self.device).split(self.cfg.train.eval_batch_size))
-        if self.comm.world_size > 1:  # every rank takes part in every chunk's mean
+        w = self.comm.world_size
+        chunks = list(torch.arange(self.n, device=self.device).split(
+            max(1, self.cfg.train.batch_size // w)))
+        if w > 1:  # every rank takes part in every chunk's mean
             most = int(self.comm.all_reduce_max(torch.tensor([len(chunks)], device=self.device)).item())
             chunks += [chunks[0][:0]] * (most - len(chunks))
+        total = self.comm.all_reduce_sum(table.double().sum(0))
         for chunk in chunks:
-            table[chunk] = probs[chunk]
-            out[chunk] = distribution_alignment(probs[chunk], self.comm.mean_rows(table, self.n_total))
+            new = probs[chunk].float()
+            total = total + self.comm.all_reduce_sum((new.double() - table[chunk].double()).sum(0))
+            table[chunk] = new
+            out[chunk] = distribution_alignment(probs[chunk], (total / self.n_total).float())
         return out
 
     def coreg_epoch(self, epoch: int) -> dict:
@@ -368,11 +378,12 @@ class CoReg(Persistence):
             t = self._targets(a, peer, ix, iu, x, u)  # weak views, no grad: P and U targets
             mixed = self._strong_mixup(x, u, t)  # strong views, MixUp over P and U
             out = self._forward(a, mixed, grad_query=use_cont or c.candidate_loss_weight > 0)
+            self._update_prototypes(t)  # before the prototype loss, as the reference
             loss, terms = self._losses(a, out, t, mixed, ix, iu, ramp, use_proto, use_cont)
             opt.zero_grad(set_to_none=True)  # step
             loss.backward()
             opt.step()
-            self._update_queue_and_prototypes(a, out, t)
+            self._update_queue(a, out, t)
             self._tally(acc, loss, terms, t, ix, iu)
         return acc
 
@@ -477,15 +488,21 @@ class CoReg(Persistence):
                       "loss_cand": lcand}
 
     @torch.no_grad()
-    def _update_queue_and_prototypes(self, a: int, out: Outputs, t: Targets) -> None:
-        """Every post-warm-up step (reference), whether or not their loss terms are on yet: net
-        a's queue takes the keys; the prototypes (shared by both nets) follow P's weak features."""
-        c, gather = self.cfg.coreg, self.comm.all_gather
-        if c.contrastive:
-            self.queues[a].push(gather(out.k), gather(t.hard), gather(t.is_p.first))
+    def _update_prototypes(self, t: Targets) -> None:
+        """Every post-warm-up step (reference), whether or not their loss term is on yet: the
+        prototypes (shared by both nets) follow P's weak features, before the step's loss."""
+        gather = self.comm.all_gather
         self.prototypes = update_prototypes(
             self.prototypes, gather(t.z_weak.float()), gather(t.hard[:t.soft.bx]),
-            gather(t.is_p.x1), c.proto_gamma)
+            gather(t.is_p.x1), self.cfg.coreg.proto_gamma)
+
+    @torch.no_grad()
+    def _update_queue(self, a: int, out: Outputs, t: Targets) -> None:
+        """Every post-warm-up step: net a's queue takes the keys after the step's loss (which
+        saw the queue without them), as MoCo's dequeue-and-enqueue."""
+        if self.cfg.coreg.contrastive:
+            gather = self.comm.all_gather
+            self.queues[a].push(gather(out.k), gather(t.hard), gather(t.is_p.first))
 
     @torch.no_grad()
     def _tally(self, acc: dict, loss, terms: dict, t: Targets, ix, iu) -> None:
