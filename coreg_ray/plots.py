@@ -11,6 +11,8 @@ Pure functions taking plain data and a PNG path; each writes the file atomically
   pseudo-label accuracy on P and U, the P fraction, the loss terms; warm-up epochs shaded.
 - `experiment_chart`: `coreg-ray experiment`'s table as grouped bars (settings x methods,
   mean ± sample std over seeds) from its `results.jsonl` records.
+- `experiment_curves`: the same records' per-epoch test accuracy, one panel per setting, one
+  line per row (method, shots, seed); rows without epochs (zero-shot) as a dashed level.
 
 Missing optional data (no labels, no test set, a loss term not recorded) leaves that part out.
 matplotlib is the `plots` extra (`pip install 'coreg-ray[plots]'`): the functions raise one line
@@ -403,6 +405,61 @@ def experiment_chart(records: list[dict], path, methods: list[str] | None = None
     if not recs:
         ax.text(0.5, 0.5, "no runs finished yet", transform=ax.transAxes, ha="center",
                 va="center", color="0.4")
+    return _save(fig, path)
+
+
+def experiment_curves(records: list[dict], path, methods: list[str] | None = None,
+                      settings: list[str] | None = None, labels: dict | None = None,
+                      title: str = "") -> Path:
+    """Per-epoch test accuracy (%) of every finished row of each setting, one panel per setting
+    (from the records' `test_history`): a line per (method, shots, seed), the true-labels
+    ceiling in black, a row with no epochs (zero-shot) as a dashed level at its accuracy."""
+    last = {}
+    for i, r in enumerate(r for r in (records or []) if isinstance(r, dict)):
+        last[r.get("key", i)] = r
+    recs = [r for r in last.values() if r.get("status", "ok") == "ok"
+            and not math.isnan(_num(r.get("test_accuracy")))]
+    settings = list(settings) if settings is not None else \
+        list(dict.fromkeys(r.get("setting") for r in recs))
+    rank = {m: i for i, m in enumerate(methods or [])}
+    recs.sort(key=lambda r: (rank.get(r.get("method"), len(rank)), int(r.get("shots") or 0),
+                             int(r.get("seed") or 0)))
+    seeds = {r.get("seed") for r in recs}
+    labels = labels or {}
+    fig = _figure(8.5, 0.4 + 4.2 * max(1, len(settings)) + (0.4 if title else 0))
+    axes = fig.subplots(max(1, len(settings)), 1, squeeze=False)[:, 0]
+    if title:
+        fig.suptitle(title, fontsize=11)
+    for ax, setting in zip(axes, settings or [None]):
+        rows = [r for r in recs if r.get("setting") == setting]
+        end = max([len(r.get("test_history") or []) for r in rows] + [1])
+        for r in rows:
+            m = r.get("method")
+            name = labels.get(m) or m
+            if int(r.get("shots") or 0) and m not in SHOT_FREE:
+                name += f", {int(r['shots'])}-shot"
+            if len(seeds) > 1:
+                name += f", seed {r.get('seed')}"
+            pts = [(_num(h.get("epoch")), 100 * _num(h.get("test_accuracy")))
+                   for h in r.get("test_history") or []]
+            pts = [(x, y) for x, y in pts if not (math.isnan(x) or math.isnan(y))]
+            style = {"color": "black", "lw": 2.0} if m == "true_labels" else {"lw": 1.4}
+            if pts:
+                ax.plot(*zip(*pts), label=f"{name}: {100 * _num(r['test_accuracy']):.1f}",
+                        **style)
+            else:
+                ax.axhline(100 * _num(r["test_accuracy"]), ls="--", color="0.45", lw=1.2,
+                           label=f"{name}: {100 * _num(r['test_accuracy']):.1f}")
+        ax.set_title(str(setting), fontsize=10, loc="left")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xlim(0, end)
+        ax.grid(True, alpha=0.3)
+        if rows:
+            ax.legend(fontsize=7, loc="best", framealpha=0.9)
+        else:
+            ax.text(0.5, 0.5, "no finished rows", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
+    axes[-1].set_xlabel("epoch")
     return _save(fig, path)
 
 

@@ -216,10 +216,14 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_runtime, ml
     assert len(progress) == 12 and progress[-1].startswith("[12/12]")
     # the table: each column's best in bold, zero-shot = the annotator itself
     md = (out / "table.md").read_text()
-    # table.md is the table's Markdown with its bar chart (table.png) embedded under the table
+    # table.md is the table's Markdown with its bar chart (table.png) and the per-epoch test
+    # accuracy of every row (curves.png) embedded under the table, in that order
     from coreg_ray.plots import embed
-    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert md == embed(table.markdown, "table.png", "results chart")
+    for png in ("table.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md == embed(embed(table.markdown, "curves.png", "per-epoch test accuracy"),
+                       "table.png", "results chart")
+    assert md.index("(table.png)") < md.index("(curves.png)")
     assert "backbone: mlp; 1 epoch (warm-up 1)" in md
     assert "simulated VLM annotator — a stand-in, not a VLM" in md
     assert "| Method | q=0.3, η=0.1 | simulated VLM |" in md

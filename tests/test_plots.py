@@ -177,6 +177,26 @@ def test_experiment_chart_bars_errors_failed_na_and_shots(tmp_path):
     assert_png(plots.experiment_chart([], tmp_path / "empty.png"))
 
 
+def test_experiment_curves_every_row_per_setting(tmp_path):
+    def hist(*accs):
+        return [{"epoch": i, "test_accuracy": a} for i, a in enumerate(accs)]
+
+    recs = [dict(_rec("true_labels", "A", 0, 0.9), test_history=hist(0.5, 0.9)),
+            dict(_rec("coreg", "A", 0, 0.6), test_history=hist(0.3, 0.6)),
+            dict(_rec("coreg", "A", 0, 0.5, shots=4), test_history=hist(0.2, 0.5)),
+            _rec("zero_shot", "A", 0, 0.4),  # no epochs: a dashed level
+            _rec("cc", "A", 0, None, "failed"),
+            dict(_rec("coreg", "B", 0, 0.7), test_history=hist(0.1, 0.7))]
+    assert_png(plots.experiment_curves(recs, tmp_path / "c.png", methods=["true_labels", "coreg"],
+                                       settings=["A", "B", "C"], labels={"coreg": "Co-Reg"},
+                                       title="t"))
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "c.png").shape[0] > imread(
+        plots.experiment_curves(recs[:1], tmp_path / "one.png")).shape[0]  # a panel per setting
+    assert_png(plots.experiment_curves([], tmp_path / "empty.png"))
+
+
 def test_experiment_writes_table_png_beside_table_md(tmp_path):
     """run_experiment's table writer (every run already in results.jsonl: no Ray needed)."""
     from coreg_ray.experiment import Experiment, run_experiment

@@ -322,12 +322,17 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
         table = format_table(records, exp.methods, [s.name for s in exp.settings], exp.shots,
                              exp.columns, exp.labels, stats, len(exp.seeds), exp.name,
                              header_lines(records), footer_lines())
-        from coreg_ray.plots import experiment_chart, with_picture  # table.png, embedded
+        from coreg_ray.plots import experiment_chart, experiment_curves, with_picture
 
-        _write_atomic(out / "table.md", with_picture(
-            table.markdown, out / "table.md", experiment_chart, records, alt="results chart",
-            methods=exp.methods, settings=[s.name for s in exp.settings], title=exp.name,
-            labels={m: (exp.labels or {}).get(m) or method_label(m) for m in exp.methods}))
+        names = {m: (exp.labels or {}).get(m) or method_label(m) for m in exp.methods}
+        where = dict(methods=exp.methods, settings=[s.name for s in exp.settings], labels=names)
+        markdown = table.markdown  # under the table: table.png (bars), curves.png (epochs)
+        if any(r.get("test_history") for r in records):
+            markdown = with_picture(markdown, out / "curves.md", experiment_curves, records,
+                                    alt="per-epoch test accuracy", title=exp.name, **where)
+        markdown = with_picture(markdown, out / "table.md", experiment_chart, records,
+                                alt="results chart", title=exp.name, **where)
+        _write_atomic(out / "table.md", markdown)
         _write_atomic(out / "table.csv", table.csv)
         return table, records
 
