@@ -245,6 +245,18 @@ def _short(text: str, n: int) -> str:
 
 
 # ============================================================================ training curves
+def _finish_panel(ax, title: str, ylabel: str, filled: bool, empty: str,
+                  legend_size: int = 8) -> None:
+    """A panel's title, y label, grid, and its legend (or `empty` in its middle)."""
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if filled:
+        ax.legend(fontsize=legend_size, loc="best", framealpha=0.9)
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
 def training_curves(history: list[dict], path, title: str = "") -> Path:
     """A run's per-epoch curves: accuracies (test; pseudo-labels on P and U), P fraction, loss
     terms. Keys absent from every epoch are left out; warm-up epochs are shaded."""
@@ -281,14 +293,7 @@ def training_curves(history: list[dict], path, title: str = "") -> Path:
         for label, pts in lines:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o" if len(pts) <= 30 else None, ms=3, lw=1.5, label=label)
-        ax.set_title(name, fontsize=10, loc="left")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        if lines:
-            ax.legend(fontsize=8, loc="best", framealpha=0.9)
-        else:
-            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center",
-                    va="center", color="0.4")
+        _finish_panel(ax, name, ylabel, bool(lines), "not recorded")
     for ax in axes[:2]:
         if ax.get_lines():
             lo = min(0.0, *(min(l.get_ydata()) for l in ax.get_lines()))
@@ -450,15 +455,8 @@ def experiment_curves(records: list[dict], path, methods: list[str] | None = Non
             else:
                 ax.axhline(100 * _num(r["test_accuracy"]), ls="--", color="0.45", lw=1.2,
                            label=f"{name}: {100 * _num(r['test_accuracy']):.1f}")
-        ax.set_title(str(setting), fontsize=10, loc="left")
-        ax.set_ylabel("test accuracy (%)")
         ax.set_xlim(0, end)
-        ax.grid(True, alpha=0.3)
-        if rows:
-            ax.legend(fontsize=7, loc="best", framealpha=0.9)
-        else:
-            ax.text(0.5, 0.5, "no finished rows", transform=ax.transAxes, ha="center",
-                    va="center", color="0.4")
+        _finish_panel(ax, str(setting), "test accuracy (%)", bool(rows), "no finished rows", 7)
     axes[-1].set_xlabel("epoch")
     return _save(fig, path)
 
