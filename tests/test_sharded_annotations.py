@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
+from tests.test_object_storage import s3, s3_server  # noqa: F401  (an S3-compatible server)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,21 @@ def test_summed_statistics_and_candidate_key_equal_the_whole_tables(pool, tmp_pa
         dist.destroy_process_group()
     assert stats == annotation_stats(full, train.labels) and key == whole
     assert np.array_equal(ann.candidates, full.candidates)
+
+
+@pytest.mark.slow
+def test_a_workers_annotation_rows_from_a_file_in_a_bucket(s3, pool):
+    """An annotation file in a bucket (a real S3-compatible server): the driver's id check and
+    a worker's read by id work on the URI as on a local path."""
+    from coreg_ray.data import write_annotations
+    from coreg_ray.data.annotation_rows import annotation_ids
+
+    uri = s3[0]
+    full, ids = pool["annotations"], pool["table"].ids
+    write_annotations(full.subset(np.arange(239, -1, -1)), f"{uri}/ann.parquet")
+    rows = annotation_ids(f"{uri}/ann.parquet", ids, 10)
+    assert rows.path == f"{uri}/ann.parquet" and np.array_equal(rows.ids, ids)
+    part = pickle.loads(pickle.dumps(rows)).read(ids[100:160])
+    assert np.array_equal(part.ids, ids[100:160])
+    assert np.array_equal(part.candidates, full.candidates[100:160])
+    assert np.array_equal(part.probs, full.probs[100:160])

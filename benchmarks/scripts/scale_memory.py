@@ -1,6 +1,9 @@
 """Peak memory and step time of sharded Co-Reg training on a generated pool
 (benchmarks/scripts/scale_pool.py), one JSON line per run appended to --results (a run already
-there, same n / workers / divide, is skipped: the script resumes).
+there, same n / workers / divide / backbone / what the driver reads, is skipped: the script
+resumes). Rows before issue 22's fix have no `driver_reads` key: their driver read the whole
+annotation table ("annotation table"); this script's driver reads its id column only
+("annotation ids").
 
     python benchmarks/scripts/scale_memory.py --pool POOLS/pool100k --workers 2 \
         --results benchmarks/results/scale_cpu.jsonl
@@ -24,6 +27,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+
+DRIVER_READS = "annotation ids"  # of the annotation file, the driver reads its id column only
 
 
 def peak_rss_mb() -> float:
@@ -104,8 +110,9 @@ def main():
     results = Path(args.results)
     done = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] \
         if results.exists() else []
-    if any((r["n"], r["workers"], r.get("divide", False), r.get("backbone")) ==
-           (n, args.workers, args.divide, args.backbone) for r in done):
+    if any((r["n"], r["workers"], r.get("divide", False), r.get("backbone"),
+            r.get("driver_reads", "annotation table")) ==
+           (n, args.workers, args.divide, args.backbone, DRIVER_READS) for r in done):
         print(f"already measured: n={n} workers={args.workers}")
         return
     import ray
@@ -149,7 +156,8 @@ def main():
            "backbone": args.backbone, "read_and_prepare_s": max(w["read_s"] for w in each),
            "driver_check_s": check_s, "wall_s": time.perf_counter() - t0,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "load_avg_1m_at_end": os.getloadavg()[0], "note": args.note}
+           "load_avg_1m_at_end": os.getloadavg()[0], "note": args.note,
+           "driver_reads": DRIVER_READS}
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
