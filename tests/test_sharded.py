@@ -324,6 +324,26 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_would(pool, tmp_path, caps
     assert len(err) == 1 and "does not fit" in err[0] and not out.exists()
 
 
+def test_the_cpu_plan_covers_every_measured_cpu_worker():
+    """The plan's CPU workers (FIXED_CPU_HOST_GB + the modelled terms) against the peaks
+    measured on CPU (benchmarks/results/scale_cpu.jsonl: GTSRB pools, 43 classes): never
+    below a measured peak, and not more than 1.2 GB above it."""
+    from coreg_ray.config import Config
+    from coreg_ray.distributed.plan import plan_run
+
+    rows = [json.loads(x) for x in (Path(__file__).resolve().parent.parent / "benchmarks" /
+                                    "results" / "scale_cpu.jsonl").read_text().splitlines()
+            if x.strip()]
+    rows = [r for r in rows if r["backbone"] == "preact_resnet18"]
+    assert rows
+    cfg = Config.load(overrides=["model.backbone=preact_resnet18"])
+    for r in rows:
+        assert cfg.train.batch_size // r["workers"] == r["batch_per_worker"]
+        p = plan_run(cfg, r["n"], 0, r["image_size"], 43, r["workers"], 0)
+        peak = r["worker_peak_rss_mb"] * 2**20 / 1e9
+        assert peak <= p["host_gb"] <= peak + 1.2, (r["n"], peak, p["host_gb"])
+
+
 def test_string_ids_are_kept_as_read(pool, tmp_path):
     """Ids may be strings (a folder's relative paths): columns and rows keep them as str,
     never cast; the fingerprint takes them."""

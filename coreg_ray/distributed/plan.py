@@ -16,10 +16,11 @@ the global batch B (docs/scale.md works one example through):
 - activations: the mixed batch of 4 B / W views through the net with gradients, measured from
   the model itself (the sum of its layers' outputs for one S x S image, 4 bytes each), x 2 for
   what autograd keeps besides;
-- a fixed cost: FIXED_HOST_GB of host memory per worker (the Ray worker, PyTorch and the
-  model's runtime: measured 3.6 and 4.0 GB RSS for 2 CPU workers of PreAct ResNet-18 on 1,000
-  CIFAR images; 4.0 is used) and, on a GPU, FIXED_DEVICE_GB of device memory (CUDA context and
-  workspaces: an assumption, not measured here).
+- a fixed cost: on a CPU worker FIXED_CPU_HOST_GB (what the measured peak RSS of CPU workers
+  holds besides the terms above: the Ray worker, PyTorch, decoding buffers; see the constant);
+  on a GPU worker FIXED_HOST_GB of host memory (the whole RSS of a CPU worker on 1,000 CIFAR
+  images, 3.6 and 4.0 GB: not measured on a GPU) and FIXED_DEVICE_GB of device memory (CUDA
+  context and workspaces: an assumption, not measured here).
 """
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ import math
 
 from coreg_ray.errors import CoregError
 
-FIXED_HOST_GB = 4.0  # measured: 3.6 / 4.0 GB RSS per CPU worker (PreAct ResNet-18, 1k CIFAR)
+# CPU worker, calibrated on benchmarks/results/scale_cpu.jsonl (2 CPU workers, PreAct
+# ResNet-18, 32 px, 43 classes, 128 images per worker and step): the workers' peak RSS was
+# 6,035-7,247 MiB (6.3-7.6 GB) at 100k-300k rows, of which images are 0.15-0.46 GB and this
+# plan's other terms (activations 5.03 GB, networks 0.37 GB, per-sample state, GMM input)
+# 5.6-6.0 GB; the rest, 0.7-1.6 GB, is this constant (the largest, rounded up). Peak minus
+# images alone (6.2-7.1 GB) would count the activations twice: they are measured from the model.
+FIXED_CPU_HOST_GB = 1.6
+FIXED_HOST_GB = 4.0  # GPU worker's host: the 3.6 / 4.0 GB RSS of a whole CPU worker (1k CIFAR)
 FIXED_DEVICE_GB = 1.5  # assumed: CUDA context, cuDNN / allocator workspaces
 GB = 1e9
 
@@ -74,7 +82,8 @@ def worker_plan(rows: int, test_rows: int, size: int, classes: int, workers: int
     if placement == "auto":
         where = "device" if not gpu or device_fixed + images <= 0.9 * capacity else "host"
     device = device_fixed + (images if where == "device" and gpu else 0.0)
-    host = FIXED_HOST_GB + host_state + gmm + (images if where == "host" or not gpu else 0.0)
+    fixed = FIXED_HOST_GB if gpu else FIXED_CPU_HOST_GB
+    host = fixed + host_state + gmm + (images if where == "host" or not gpu else 0.0)
     if not gpu:  # one memory: the process holds everything
         host += state + nets + acts
         device = None
@@ -103,7 +112,7 @@ def describe(p: dict) -> list[str]:
                      f"(incl. {FIXED_HOST_GB} GB fixed)")
     else:
         lines.append(f"each worker needs {p['host_gb']:.1f} GB of host memory (incl. "
-                     f"{FIXED_HOST_GB} GB fixed, measured: PreAct ResNet-18 CPU worker)")
+                     f"{FIXED_CPU_HOST_GB} GB fixed, measured: PreAct ResNet-18 CPU workers)")
     return lines
 
 
