@@ -184,18 +184,20 @@ def test_shards_re_shard_to_another_world_size_by_row(digits_synthetic):
 # ------------------------------------------------------------------ on Ray Train
 class RecordRows:
     """Epoch callback (runs on every worker): after the first epoch, rank r writes the ids it
-    holds and how many rows this process decoded through a row source."""
+    holds, how many rows this process decoded through a row source and how many annotation rows
+    it read from the annotation file."""
 
     def __init__(self, folder):
         self.folder = str(folder)
 
     def __call__(self, epoch, stats, trainer):
-        from coreg_ray.data import shards
+        from coreg_ray.data import annotation_rows, shards
 
         if epoch == 0:
             Path(self.folder, f"rank{trainer.comm.rank}.json").write_text(json.dumps({
                 "ids": np.asarray(trainer.ids).tolist(), "decoded": shards.DECODED["rows"],
-                "test_rows": len(trainer.test[1])}))
+                "test_rows": len(trainer.test[1]),
+                "annotation_rows": annotation_rows.READ["rows"]}))
 
 
 @pytest.mark.slow
@@ -255,7 +257,13 @@ def test_two_workers_decode_only_their_rows_and_the_driver_none(ray_runtime, poo
         assert got["ids"] == ids[lo:hi].tolist()
         assert got["decoded"] == (hi - lo) + (thi - tlo)  # its training and test rows, no more
         assert got["test_rows"] == thi - tlo
+        assert got["annotation_rows"] == hi - lo  # its annotation rows, read by itself
     assert [h["epoch"] for h in m["history"]] == [0, 1, 2] and m["test_accuracy"] > 0
+    from coreg_ray.data import annotation_stats  # summed over the ranks: the whole table's
+
+    whole = annotation_stats(pool["annotations"], pool["table"].labels)
+    assert (m["partial_accuracy"], m["annotator_accuracy"], m["avg_candidates"]) == \
+        (whole["partial_accuracy"], whole["ensemble_accuracy"], whole["avg_candidates"])
     last = sorted((out / "ray" / "two").glob("checkpoint_epoch_*"))[-1]
     names = sorted(p.name for p in last.iterdir())
     assert names == ["checkpoint.pt", "manifest.json", "model.pt", "shard-00000.pt",
@@ -268,7 +276,8 @@ def test_two_workers_decode_only_their_rows_and_the_driver_none(ray_runtime, poo
                               test_images=str(pool["test"]), workers=1, mlflow=False,
                               log=lambda *a: None)
     assert again["history"] == m["history"]
-    # relaunched on other candidate sets: one line before any worker starts
+    # relaunched on other candidate sets: one line (the workers find it when they restore: the
+    # driver never reads the candidate sets)
     other = pool["annotations"]
     from coreg_ray.data import AnnotationTable, write_annotations
 
@@ -313,6 +322,26 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_would(pool, tmp_path, caps
                  "--gpu-memory-gb", "1", "--no-mlflow", "--set", "model.backbone=mlp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit" in err[0] and not out.exists()
+
+
+def test_the_cpu_plan_covers_every_measured_cpu_worker():
+    """The plan's CPU workers (FIXED_CPU_HOST_GB + the modelled terms, or the loading peak)
+    against the peaks measured on CPU (benchmarks/results/scale_cpu.jsonl: GTSRB pools, 43
+    classes, PreAct ResNet-18 and MLP): never below a measured peak, and not more than 1.2 GB
+    above it."""
+    from coreg_ray.config import Config
+    from coreg_ray.distributed.plan import plan_run
+
+    rows = [json.loads(x) for x in (Path(__file__).resolve().parent.parent / "benchmarks" /
+                                    "results" / "scale_cpu.jsonl").read_text().splitlines()
+            if x.strip()]
+    assert {r["backbone"] for r in rows} >= {"preact_resnet18", "mlp"}
+    for r in rows:
+        cfg = Config.load(overrides=[f"model.backbone={r['backbone']}"])
+        assert cfg.train.batch_size // r["workers"] == r["batch_per_worker"]
+        p = plan_run(cfg, r["n"], 0, r["image_size"], 43, r["workers"], 0)
+        peak = r["worker_peak_rss_mb"] * 2**20 / 1e9
+        assert peak <= p["host_gb"] <= peak + 1.2, (r["n"], r["backbone"], peak, p["host_gb"])
 
 
 def test_string_ids_are_kept_as_read(pool, tmp_path):

@@ -1,13 +1,18 @@
 """Peak memory and step time of sharded Co-Reg training on a generated pool
 (benchmarks/scripts/scale_pool.py), one JSON line per run appended to --results (a run already
-there, same n / workers / divide, is skipped: the script resumes).
+there, same n / workers / divide / backbone / what the driver reads, is skipped: the script
+resumes). Rows before issue 22's fix have no `driver_reads` key: their driver read the whole
+annotation table ("annotation table"); this script's driver reads its id column only
+("annotation ids").
 
     python benchmarks/scripts/scale_memory.py --pool POOLS/pool100k --workers 2 \
         --results benchmarks/results/scale_cpu.jsonl
 
-The driver is the real one (`check_sharded_inputs`: columns only, the aligned annotation table
-put in the object store); each Ray Train worker reads and decodes its rows from the Parquet
-file and builds the real trainer on its shard (`CoReg(shard=...)._prepare`), then times a
+The driver is the real one (`check_sharded_inputs`: the id and label columns only; of the
+annotation file its id column, never the candidate sets); each Ray Train worker reads and
+decodes its rows from the Parquet file, reads its annotation rows by id from the annotation
+file (`shard_annotations`, as `coreg-ray train --workers` does) and builds the real trainer on
+its shard (`CoReg(shard=...)._prepare`), then times a
 bounded number of steps: --steps warm-up steps per network, optionally one full divide pass
 (--divide), --steps Co-Reg steps per network (on a random half P / half U split when the
 divide pass is skipped). Peak RSS is each process's high-water mark (VmHWM in /proc/PID/status)
@@ -24,6 +29,9 @@ import time
 from pathlib import Path
 
 
+DRIVER_READS = "annotation ids"  # of the annotation file, the driver reads its id column only
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -32,7 +40,6 @@ def peak_rss_mb() -> float:
 
 
 def loop(c: dict):
-    import numpy as np
     import ray
     import ray.train
     import torch
@@ -42,16 +49,18 @@ def loop(c: dict):
     from coreg_ray.coreg.comm import TorchDistComm
     from coreg_ray.coreg.trainer import CoReg
     from coreg_ray.data.shards import Shard
+    from coreg_ray.distributed.shard_data import shard_annotations
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = Config.from_dict(c["config"])
     cfg.train.device = "cpu"
-    shard = Shard(rank, world, c["rows"], tuple(c["trusted"]), c["fingerprint"])
-    lo, hi = shard.bounds
+    lo, hi = Shard(rank, world, c["rows"]).bounds
     t0 = time.perf_counter()
     train = c["src"].read_rows(lo, hi, c["size"])
-    ann = ray.get(c["ann"][0]).subset(np.arange(lo, hi))
+    ann, _, key = shard_annotations(c["ann"], train, lo, hi)
+    shard = Shard(rank, world, c["rows"], tuple(c["trusted"]),
+                  dict(c["fingerprint"], candidate_sets=key))
     trainer = CoReg(cfg, comm=TorchDistComm(), shard=shard, progress=False)
     trainer._prepare(train, ann, None)
     del train, ann
@@ -101,8 +110,9 @@ def main():
     results = Path(args.results)
     done = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] \
         if results.exists() else []
-    if any((r["n"], r["workers"], r.get("divide", False), r.get("backbone")) ==
-           (n, args.workers, args.divide, args.backbone) for r in done):
+    if any((r["n"], r["workers"], r.get("divide", False), r.get("backbone"),
+            r.get("driver_reads", "annotation table")) ==
+           (n, args.workers, args.divide, args.backbone, DRIVER_READS) for r in done):
         print(f"already measured: n={n} workers={args.workers}")
         return
     import ray
@@ -121,7 +131,8 @@ def main():
         cfg, str(pool / "train.parquet"), str(pool / "annotations.parquet"), None, None, None,
         args.workers)
     check_s = time.perf_counter() - t0
-    conf = {"config": cfg.to_dict(), "src": src, "ann": [ray.put(ann)], "rows": len(train),
+    driver_after_check_mb = peak_rss_mb()
+    conf = {"config": cfg.to_dict(), "src": src, "ann": ann, "rows": len(train),
             "size": checked.size, "trusted": [int(i) for i in checked.trusted_index],
             "fingerprint": checked.fingerprint, "steps": args.steps, "divide": args.divide}
     del ann, train
@@ -138,13 +149,15 @@ def main():
     row = {"n": n, "workers": args.workers, "image_size": checked.size,
            "worker_peak_rss_mb": max(w["peak_rss_mb"] for w in each),
            "worker_peak_rss_mb_each": [round(w["peak_rss_mb"], 1) for w in each],
-           "driver_peak_rss_mb": peak_rss_mb(), "warmup_step_s": m["warmup_step_s"],
+           "driver_peak_rss_mb": peak_rss_mb(), "driver_peak_rss_after_check_mb":
+               driver_after_check_mb, "warmup_step_s": m["warmup_step_s"],
            "coreg_step_s": m["coreg_step_s"], "divide": args.divide, "divide_s": m["divide_s"],
            "steps": args.steps, "batch_per_worker": cfg.train.batch_size // args.workers,
            "backbone": args.backbone, "read_and_prepare_s": max(w["read_s"] for w in each),
            "driver_check_s": check_s, "wall_s": time.perf_counter() - t0,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "load_avg_1m_at_end": os.getloadavg()[0], "note": args.note}
+           "load_avg_1m_at_end": os.getloadavg()[0], "note": args.note,
+           "driver_reads": DRIVER_READS}
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

@@ -61,9 +61,11 @@ def check_checkpoint(state, where: str, fingerprint: dict | None = None,
         if not diffs:
             diffs += [f"other {what}" for key, what in (("ids", "image ids"),
                                                           ("images", "images"),
-                                                          ("candidates", "candidate sets"))
-                      if made.get(key) != fingerprint[key]
-                      and None not in (made.get(key), fingerprint[key])]  # images: a shard's
+                                                          ("candidates", "candidate sets"),
+                                                          ("candidate_sets", "candidate sets"))
+                      if made.get(key) != fingerprint.get(key)
+                      and None not in (made.get(key), fingerprint.get(key))]  # images: a shard's
+        diffs = list(dict.fromkeys(diffs))  # a sharded run's two candidate keys: said once
         if diffs:
             raise CoregError(f"{where} was made on other data ({'; '.join(diffs)}): resume with "
                              "the inputs it was made on, or train into a new --output")

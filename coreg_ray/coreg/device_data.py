@@ -100,7 +100,8 @@ def data_fingerprint(train: ImageTable, candidates: np.ndarray, size: int) -> di
     images = getattr(train, "images", None)  # a table's columns only (the driver): no images
     return {"rows": int(len(train)), "ids": ids_digest(train.ids)[:16],
             "images": None if images is None else sha(images), "image_size": int(size),
-            "classes": list(train.classes), "candidates": sha(np.asarray(candidates, bool))}
+            "classes": list(train.classes),
+            "candidates": None if candidates is None else sha(np.asarray(candidates, bool))}
 
 
 def check_training_inputs(cfg: Config, train: ImageTable, annotations,
@@ -116,14 +117,20 @@ def check_training_inputs(cfg: Config, train: ImageTable, annotations,
     if isinstance(annotations, AnnotationTable):
         ann = annotations.align_to(train.ids, "annotations")
         cand, probs = ann.candidates, ann.probs
+    elif hasattr(annotations, "read"):  # a sharded run's driver: `AnnotationRows`, checked by
+        cand = None  # its ids; each worker reads (and checks) its own rows' candidate sets
+        if annotations.num_classes != train.num_classes:
+            raise CoregError(f"annotations have {annotations.num_classes} classes, images "
+                             f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
     else:
         cand = np.asarray(annotations, bool)
         if cand.ndim != 2 or cand.shape[0] != len(train):
             raise CoregError(f"candidates have {cand.shape[0]} rows, images {len(train)}")
-    if cand.shape[1] != train.num_classes:
+    if cand is not None and cand.shape[1] != train.num_classes:
         raise CoregError(f"annotations have {cand.shape[1]} classes, images "
                          f"{train.num_classes} ({', '.join(train.classes[:5])}...)")
-    check_candidates(cand, train.ids, "annotations")
+    if cand is not None:
+        check_candidates(cand, train.ids, "annotations")
     if trusted_index is None:  # a shard gets the table's few-shot rows (`Shard.trusted`)
         trusted_index = few_shot_indices(train.labels, cfg.fewshot.shots, cfg.fewshot.seed)
     if test is not None:

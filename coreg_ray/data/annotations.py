@@ -140,21 +140,36 @@ def read_annotations(path: str | Path, num_classes: int | None = None) -> Annota
         tbl = pq.read_table(fpath, filesystem=fs)
     except Exception as exc:
         raise CoregError(f"{path}: not a readable Parquet file ({redact(exc)})")
-    for need in ("id", "candidates"):
-        if need not in tbl.column_names:
-            raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(tbl.column_names)})")
+    check_columns(tbl.column_names, path)
     meta = read_meta(tbl.schema.metadata, path)
-    ids = as_ids(tbl.column("id"), str(path))
-    dup = first_duplicate(ids)
-    if dup is not None:
-        raise CoregError(f"{path}: duplicate ids in the annotation table (first: id {id_text(dup)})")
+    return table_from_arrow(tbl, meta, path, class_count(meta, num_classes, path))
+
+
+def check_columns(names, path) -> None:
+    for need in ("id", "candidates"):
+        if need not in names:
+            raise CoregError(f"{path}: missing column '{need}' (has: {', '.join(names)})")
+
+
+def class_count(meta: dict, num_classes: int | None, path) -> int | None:
+    """The number of classes: the images' (checked against the file's metadata block), else
+    the file's, else None (then found from the candidate sets)."""
     file_c = meta.get("num_classes")
     if file_c is not None and (isinstance(file_c, bool) or not isinstance(file_c, int) or file_c < 1):
         raise CoregError(f"{path}: the coreg_ray metadata block says num_classes={file_c!r} "
                          "(want a positive integer)")
     if num_classes is not None and file_c is not None and int(file_c) != num_classes:
         raise CoregError(f"{path}: annotated for {file_c} classes but the images have {num_classes}")
-    c = num_classes or file_c
+    return num_classes or file_c
+
+
+def table_from_arrow(tbl, meta: dict, path, c: int | None) -> AnnotationTable:
+    """An `AnnotationTable` from the Arrow rows of an annotation file (all of them, or the rows
+    a worker read, `coreg_ray.data.annotation_rows`): every row's sets checked, naming its id."""
+    ids = as_ids(tbl.column("id"), str(path))
+    dup = first_duplicate(ids)
+    if dup is not None:
+        raise CoregError(f"{path}: duplicate ids in the annotation table (first: id {id_text(dup)})")
     sets = tbl.column("candidates").to_pylist()
     if c is None:
         c = 1 + max((max(s) for s in sets if s), default=0)
@@ -178,7 +193,7 @@ def read_annotations(path: str | Path, num_classes: int | None = None) -> Annota
             r = next(i for i, p in enumerate(pl) if p is None or len(p) != c)
             raise CoregError(f"{path}: row id {ids[r]} has probs of length "
                              f"{0 if pl[r] is None else len(pl[r])}, expected {c}")
-        probs = np.asarray(pl, np.float32)
+        probs = np.asarray(pl, np.float32).reshape(len(pl), int(c))
     return AnnotationTable(ids, cand, votes, probs, meta)
 
 

@@ -16,10 +16,13 @@ the global batch B (docs/scale.md works one example through):
 - activations: the mixed batch of 4 B / W views through the net with gradients, measured from
   the model itself (the sum of its layers' outputs for one S x S image, 4 bytes each), x 2 for
   what autograd keeps besides;
-- a fixed cost: FIXED_HOST_GB of host memory per worker (the Ray worker, PyTorch and the
-  model's runtime: measured 3.6 and 4.0 GB RSS for 2 CPU workers of PreAct ResNet-18 on 1,000
-  CIFAR images; 4.0 is used) and, on a GPU, FIXED_DEVICE_GB of device memory (CUDA context and
-  workspaces: an assumption, not measured here).
+- loading: while a worker reads and decodes its rows, LOAD_FACTOR x its images of host memory
+  (plus the fixed cost); the host need is the larger of that and the training terms;
+- a fixed cost: on a CPU worker FIXED_CPU_HOST_GB (what the measured peak RSS of CPU workers
+  holds besides the terms above: the Ray worker, PyTorch, decoding buffers; see the constant);
+  on a GPU worker FIXED_HOST_GB of host memory (the whole RSS of a CPU worker on 1,000 CIFAR
+  images, 3.6 and 4.0 GB: not measured on a GPU) and FIXED_DEVICE_GB of device memory (CUDA
+  context and workspaces: an assumption, not measured here).
 """
 from __future__ import annotations
 
@@ -27,7 +30,21 @@ import math
 
 from coreg_ray.errors import CoregError
 
-FIXED_HOST_GB = 4.0  # measured: 3.6 / 4.0 GB RSS per CPU worker (PreAct ResNet-18, 1k CIFAR)
+# CPU worker, calibrated on benchmarks/results/scale_cpu.jsonl (2 CPU workers, PreAct
+# ResNet-18, 32 px, 43 classes, 128 images per worker and step): the workers' peak RSS was
+# 6,035-7,247 MiB (6.3-7.6 GB) at 100k-300k rows, of which images are 0.15-0.46 GB and this
+# plan's other terms (activations 5.03 GB, networks 0.37 GB, per-sample state, GMM input)
+# 5.6-6.0 GB; the rest, 0.7-1.6 GB, is this constant (the largest, rounded up). Peak minus
+# images alone (6.2-7.1 GB) would count the activations twice: they are measured from the model.
+FIXED_CPU_HOST_GB = 1.6
+# While a worker reads and decodes its rows (`ParquetRows.read_rows`, then the trainer's device
+# data) its host memory holds about LOAD_FACTOR x its images at once (the Arrow row groups and
+# the JPEG bytes, the decoded images one by one and stacked, the candidates): measured with the
+# MLP (whose training adds little) at 32 px, 2 CPU workers, 50k / 150k / 500k rows each: peak
+# RSS 1.86 / 3.06 / 8.08 GB, +13.8 KB a row = 4.5 x 3,072 bytes a row (scale_cpu.jsonl). The
+# host need is the larger of that loading peak and the training terms. 32 px only.
+LOAD_FACTOR = 4.5
+FIXED_HOST_GB = 4.0  # GPU worker's host: the 3.6 / 4.0 GB RSS of a whole CPU worker (1k CIFAR)
 FIXED_DEVICE_GB = 1.5  # assumed: CUDA context, cuDNN / allocator workspaces
 GB = 1e9
 
@@ -74,16 +91,20 @@ def worker_plan(rows: int, test_rows: int, size: int, classes: int, workers: int
     if placement == "auto":
         where = "device" if not gpu or device_fixed + images <= 0.9 * capacity else "host"
     device = device_fixed + (images if where == "device" and gpu else 0.0)
-    host = FIXED_HOST_GB + host_state + gmm + (images if where == "host" or not gpu else 0.0)
+    fixed = FIXED_HOST_GB if gpu else FIXED_CPU_HOST_GB
+    host = fixed + host_state + gmm + (images if where == "host" or not gpu else 0.0)
     if not gpu:  # one memory: the process holds everything
         host += state + nets + acts
         device = None
+    loading = fixed + LOAD_FACTOR * images  # the peak while the rows are read and decoded
+    host = max(host, loading)
     return {"rows": rows, "test_rows": test_rows, "image_size": size,
             "bytes_per_image": bytes_per_image, "workers": workers, "rows_per_worker": per,
             "placement": where, "images_gb": images, "per_sample_state_gb": state + host_state,
             "state_bytes_per_row": 24 * classes + 17 + 8 * history, "gmm_gb": gmm,
             "networks_gb": nets, "activations_gb": acts,
-            "device_gb": device, "host_gb": host, "gpu_memory_gb": capacity,
+            "device_gb": device, "host_gb": host, "loading_gb": loading,
+            "gpu_memory_gb": capacity,
             "fits": capacity is None or device <= 0.9 * capacity}
 
 
@@ -96,14 +117,15 @@ def describe(p: dict) -> list[str]:
              f"per worker: images {p['images_gb']:.2f} GB, per-sample state "
              f"{p['per_sample_state_gb']:.2f} GB ({p['state_bytes_per_row']} bytes a row), GMM "
              f"input {p['gmm_gb']:.2f} GB, networks {p['networks_gb']:.2f} GB, activations "
-             f"{p['activations_gb']:.2f} GB"]
+             f"{p['activations_gb']:.2f} GB; reading and decoding its rows "
+             f"{p['loading_gb']:.2f} GB"]
     if p["device_gb"] is not None:
         lines.append(f"each worker needs {p['device_gb']:.1f} GB of its GPU's "
                      f"{p['gpu_memory_gb']:.0f} GB and {p['host_gb']:.1f} GB of host memory "
                      f"(incl. {FIXED_HOST_GB} GB fixed)")
     else:
         lines.append(f"each worker needs {p['host_gb']:.1f} GB of host memory (incl. "
-                     f"{FIXED_HOST_GB} GB fixed, measured: PreAct ResNet-18 CPU worker)")
+                     f"{FIXED_CPU_HOST_GB} GB fixed, measured: PreAct ResNet-18 CPU workers)")
     return lines
 
 

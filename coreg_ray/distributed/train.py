@@ -2,11 +2,16 @@
 
 `train_distributed(...)` is `coreg-ray train --workers N [--gpus-per-worker G]`:
 
-- The driver never decodes the pool: it reads the tables' columns (ids, labels, class names; one
-  image header for the working size) through a row source (`coreg_ray.data.shards`), checks the
-  tables against each other (annotations aligned by id, classes, few-shot rows) and puts the
-  aligned annotation table in the object store. Rank r of W owns rows [r N / W, (r + 1) N / W)
-  of the training table (and of the test table) and reads and decodes only those.
+- The driver never decodes the pool and never reads the candidate sets: it reads the tables'
+  id and label columns (class names; one image header for the working size) through a row
+  source (`coreg_ray.data.shards`) and the annotation file's id column
+  (`coreg_ray.data.annotation_rows`), and checks them against each other (ids both ways,
+  classes, few-shot rows): its memory does not grow with the candidate sets. Rank r of W owns
+  rows [r N / W, (r + 1) N / W) of the training table (and of the test table), reads and
+  decodes only those, and reads their annotation rows (by id) from the annotation file itself
+  (`coreg_ray.distributed.shard_data`: the ranks also sum the annotation statistics and the
+  candidate sets' fingerprint). An annotation table handed over in memory is put in the object
+  store, aligned, as before.
 - Every worker runs Co-Reg (`coreg_ray.methods.run_method`, as every run does) with a
   `TorchDistComm` (gloo on CPU, NCCL on GPU), its `Shard` and its report as the epoch callback.
   The trainer does the distributed parts itself: each rank trains on batches of its own rows
@@ -117,22 +122,28 @@ def _worker_loop(loop: dict):
         cfg.train.device = "cpu"
     import warnings
 
-    import numpy as np
-
     from coreg_ray.coreg.persist import MANIFEST
     from coreg_ray.data.shards import Shard, shard_bounds
-    from coreg_ray.errors import CoregError
+    from coreg_ray.coreg.checkpoint import check_checkpoint
+    from coreg_ray.distributed.shard_data import AgreedError, agree_on, shard_annotations
+
+    def stop(exc):  # every rank alike: no retry; the driver raises the line
+        if rank == 0:
+            ray.get(loop["errors"].put.remote(str(exc)))
 
     # ray.get returns read-only NumPy arrays (zero copy); the trainer only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    src, test_src, ann = (ray.get(r) if r is not None else None for r in loop["data"])
-    shard = Shard(rank, world, loop["rows"], tuple(loop["trusted"]), loop["fingerprint"])
-    lo, hi = shard.bounds
+    src, test_src = (ray.get(r) if r is not None else None for r in loop["data"])
+    ann = loop["annotations"]  # AnnotationRows (read here, by id) or an object-store reference
+    ann = ray.get(ann) if isinstance(ann, ray.ObjectRef) else ann
+    lo, hi = Shard(rank, world, loop["rows"]).bounds
     train = src.read_rows(lo, hi, loop["size"])  # this rank's rows only, decoded here
-    ann = ann.subset(np.arange(lo, hi))
-    if not np.array_equal(ann.ids, train.ids):
-        raise CoregError(f"{train.source}: rows [{lo}, {hi}) changed since the driver checked "
-                         "them (their ids are not the annotated ones)")
+    try:
+        ann, ann_stats, cand_key = shard_annotations(ann, train, lo, hi)  # its annotation rows
+    except AgreedError as exc:
+        return stop(exc)
+    shard = Shard(rank, world, loop["rows"], tuple(loop["trusted"]),
+                  dict(loop["fingerprint"], candidate_sets=cand_key))
     test = None
     if test_src is not None:
         tlo, thi = shard_bounds(loop["test_rows"], world)[rank]
@@ -152,6 +163,10 @@ def _worker_loop(loop: dict):
                     at += count
                 state["shard_states"] = (manifest, files)
         restored_from = state["epoch"]
+        try:  # on other data (other candidate sets: the workers' key)? every rank finds it
+            agree_on(check_checkpoint, state, f"{ckpt.path}", shard.fingerprint, cfg)
+        except AgreedError as exc:
+            return stop(exc)
     ray_info = dict((state or {}).get("ray") or {"restores": []})
     if restored_from is not None:
         ray_info["restores"] = list(ray_info.get("restores", [])) + [restored_from]
@@ -179,6 +194,7 @@ def _worker_loop(loop: dict):
             if rank == 0:
                 st = trainer.checkpoint_state(epoch, per_sample=False)
                 st["ray"] = ray_info
+                st["annotation_stats"] = ann_stats  # the whole table's, summed over the ranks
                 torch.save(st, tmp / CHECKPOINT)
                 (tmp / MANIFEST).write_text(json.dumps(trainer.manifest(epoch)))
                 if last:
@@ -223,7 +239,9 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     cannot fit GPUs of `gpu_memory_gb` is refused in one line before any worker starts.
     """
     from coreg_ray.coreg.trainer import CHECKPOINT
-    from coreg_ray.data import annotation_stats
+    from coreg_ray.data import AnnotationTable, annotation_stats, read_annotations
+    from coreg_ray.data.annotation_rows import AnnotationRows
+    from coreg_ray.distributed.shard_data import error_box
 
     if workers < 1:
         raise CoregError(f"--workers must be >= 1, got {workers}")
@@ -237,7 +255,6 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     size = image_size or cfg.data.image_size
     inputs = check_sharded_inputs(cfg, images, annotations, test_images, size, limit, workers)
     src, test_src, train, test, ann, checked = inputs
-    stats = annotation_stats(ann, train.labels)
     storage = storage_path or str((out / "ray").resolve())
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -264,12 +281,14 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     loop = {"config": cfg.to_dict(), "gpus_per_worker": gpus_per_worker,
-            "data": [ray.put(src), ray.put(test_src) if test_src is not None else None,
-                     ray.put(ann)],
+            "data": [ray.put(src), ray.put(test_src) if test_src is not None else None],
+            # a file's AnnotationRows (each worker reads its rows) or a table in memory
+            "annotations": ann if isinstance(ann, AnnotationRows) else ray.put(ann),
             "rows": len(train), "test_rows": len(test) if test is not None else 0,
             "size": checked.size, "trusted": [int(i) for i in checked.trusted_index],
             "fingerprint": checked.fingerprint,
-            "callbacks": list(callbacks), "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
+            "callbacks": list(callbacks), "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
+            "errors": error_box()}  # where the workers leave a line they all stopped on
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
@@ -283,6 +302,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     try:
         result = trainer.fit()
     except BaseException as exc:
+        ray.kill(loop["errors"])
         tracker.end(exc)
         if isinstance(exc, KeyboardInterrupt):
             log(f"interrupted: checkpoints are in {storage}/{name}; the same command resumes")
@@ -292,6 +312,11 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
         raise CoregError(f"distributed training failed ({type(exc).__name__}: {detail}); "
                          f"checkpoints in {storage}/{name}; the same command resumes") from exc
     wall = time.perf_counter() - t0
+    stopped = ray.get(loop["errors"].get.remote())  # the workers' inputs failed a check
+    ray.kill(loop["errors"])
+    if stopped is not None:
+        tracker.end(CoregError(stopped))
+        raise CoregError(stopped)
     if result.checkpoint is None:
         raise CoregError(f"distributed training reported no checkpoint (see {storage}/{name})")
     with result.checkpoint.as_directory() as d:
@@ -303,6 +328,11 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
             shutil.copyfile(Path(d) / "model.pt", tmp)
     history = state["history"]
     ray_info = state.get("ray") or {}
+    stats = state.get("annotation_stats")  # the workers' (a checkpoint made before: computed here)
+    if stats is None:
+        table = ann if isinstance(ann, AnnotationTable) else read_annotations(ann.path,
+                                                                              ann.num_classes)
+        stats = annotation_stats(table.align_to(train.ids), train.labels)
     final = {"test_accuracy": history[-1].get("test_accuracy") if history else None,
              "seconds": state.get("elapsed")}
     metrics = run_metrics(cfg, train, test, ann, stats, final, wall, history)
@@ -319,15 +349,18 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
 
 
 def check_sharded_inputs(cfg, images, annotations, test_images, size, limit, workers: int):
-    """The driver's checks from the tables' columns alone (no image decoded): (row source,
-    test row source or None, training columns, test columns or None, annotations aligned to the
-    training ids, `CheckedInputs`). One line for annotation ids missing from the pool or the
-    reverse, other classes, more workers than rows."""
+    """The driver's checks from the tables' id and label columns alone (no image decoded, no
+    candidate set read): (row source, test row source or None, training columns, test columns
+    or None, annotations, `CheckedInputs`). The annotations: an annotation file's
+    `AnnotationRows` (its id column checked against the pool's; each worker reads its own
+    rows), or a table given in memory aligned to the training ids. One line for annotation ids
+    missing from the pool or the reverse, other classes, more workers than rows."""
     import copy
 
     from coreg_ray.coreg.models import build_model
     from coreg_ray.coreg.trainer import check_training_inputs
-    from coreg_ray.data import AnnotationTable, read_annotations
+    from coreg_ray.data import AnnotationTable
+    from coreg_ray.data.annotation_rows import annotation_ids, candidate_key
     from coreg_ray.data.shards import check_world, row_source
 
     src = row_source(images, size, limit)
@@ -340,14 +373,17 @@ def check_sharded_inputs(cfg, images, annotations, test_images, size, limit, wor
         if test.labels is None:
             raise CoregError("test table has no labels: nothing to measure accuracy against")
         check_world(len(test), workers, "test table")
-    ann = annotations if isinstance(annotations, AnnotationTable) else \
-        read_annotations(annotations, train.num_classes)
-    ann = ann.align_to(train.ids, str(annotations) if isinstance(annotations, (str, Path))
-                       else "annotations")
+    if isinstance(annotations, AnnotationTable):
+        ann = annotations.align_to(train.ids, "annotations")
+    else:  # the id column only
+        ann = annotation_ids(annotations, train.ids, train.num_classes, str(annotations))
     # Fail here, once, on what would otherwise fail on every worker and every restart.
     driver_cfg = copy.deepcopy(cfg)
     driver_cfg.train.device = "cpu"  # the workers pick their own devices
     checked = check_training_inputs(driver_cfg, train, ann, test)
+    # the candidate sets' key (a file's: summed by the workers, compared when they restore)
+    checked.fingerprint["candidate_sets"] = candidate_key(ann.ids, ann.candidates) \
+        if isinstance(ann, AnnotationTable) else None
     build_model(cfg.model.backbone, train.num_classes, checked.size, cfg.model.proj_dim)
     return src, test_src, train, test, ann, checked
 
