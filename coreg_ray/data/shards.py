@@ -9,16 +9,27 @@ in order, row groups in order) and W ranks, rank r owns the contiguous range
   division losses the GMM is fitted on) gives exactly the table's order, so the split is the
   one a single process holding every row would fit, and re-sharding a checkpoint to another
   world size is a matter of row positions;
-- a worker reads only the Parquet row groups its range overlaps (`ParquetRows.read_rows`:
-  pyarrow `read_row_groups`, the id/image/label columns only) and decodes only its own rows.
+- a worker reads only its rows' files and row groups and decodes only its own rows.
 
 A row source (`row_source`) answers two questions: `columns()` -- ids, labels, class names
-and the working image size, from the columns and one image header, never decoding a pixel
-(what the driver checks the run's tables with) -- and `read_rows(lo, hi, size)` -- an
-`ImageTable` of rows lo..hi-1 (what a worker trains on). Parquet tables are read by row group;
-every other source (digits, .npz, image folders, torchvision, a table already in memory) falls
-back to loading the whole table in the worker and keeping its rows. Ids are kept exactly as
-read (int64 or str): nothing here casts them.
+and the working image size, from the columns (or the folder's listing) and a few image
+headers, never decoding a pixel (what the driver checks the run's tables with) -- and
+`read_rows(lo, hi, size)` -- an `ImageTable` of rows lo..hi-1 (what a worker trains on),
+decoded chunk by chunk into one preallocated uint8 table (`tables.decode_chunks`). Which
+sources are read per shard, local or on object storage (s3://, gs://):
+
+- `ParquetRows`: a Parquet file, a folder holding train.parquet, or a folder of .parquet files
+  (sorted by name: the order `load_image_table` gives). A range opens only the files it
+  overlaps and reads, a few thousand rows at a time (`iter_batches`), only their row groups it
+  overlaps (the id / image / label columns);
+- `FolderRows`: a folder of image files (ids their relative paths, labels by the rule of
+  `coreg_ray.data.sources`). The driver lists the folder once; the listing travels with the
+  source, and a range opens and decodes only its own files.
+
+Every other source (digits, .npz, torchvision, a table already in memory) falls back to
+`TableRows`: the whole table is loaded in the worker, which keeps its rows. A source sent to a
+worker re-opens its filesystem there from the spec (the filesystem object is not pickled). Ids
+are kept exactly as read (int64 or str): nothing here casts them.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ import numpy as np
 
 from coreg_ray.data import tables
 from coreg_ray.data.tables import ImageTable
-from coreg_ray.data.ids import as_ids
+from coreg_ray.data.ids import as_ids, first_duplicate, id_text
 from coreg_ray.errors import CoregError
 
 # rows this process has decoded through a row source (tests prove a worker decodes its own)
@@ -92,90 +103,268 @@ class TableColumns:
         return len(self.classes)
 
 
-class ParquetRows:
-    """A Parquet image table (`id`, encoded `image`, optional `label`; classes.json beside it),
-    read by row ranges."""
+class _Rows:
+    """What the file-backed row sources share: the spec (a worker re-opens the filesystem from
+    it: the filesystem object, and the credentials it holds, is not pickled), the filesystem,
+    the name shown."""
 
-    def __init__(self, path, image_size: int | None = None, limit: int | None = None):
-        self.path, self.image_size, self.limit = Path(path), image_size, limit
+    def __init__(self, spec, image_size, limit, fs):
+        from coreg_ray.data.location import is_uri, location
 
-    def _file(self):
-        return tables.open_image_parquet(self.path)
+        tables.check_size_limit(image_size, limit)
+        # a local path made absolute: a Ray worker's working folder is not the driver's
+        self.spec = str(spec) if is_uri(spec) else str(Path(spec).absolute())
+        self.image_size, self.limit, self._fs = image_size, limit, fs
+        self.shown = str(location(spec))  # as load_image_table names it (no credentials)
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            from coreg_ray.data.location import filesystem_of, location
+            self._fs = filesystem_of(location(self.spec))[0]
+        return self._fs
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None}
+
+    def _location(self):
+        from coreg_ray.data.location import location
+        return location(self.spec)
+
+
+class ParquetRows(_Rows):
+    """A Parquet image table (`id`, encoded `image`, optional `label`; classes.json beside it):
+    one file, a folder holding train.parquet, or a folder of .parquet files (sorted by name),
+    local or on object storage; rows in the order `load_image_table` gives them (files in
+    order, row groups in order). Read by row ranges: a range opens only the files it overlaps
+    and reads only their row groups it overlaps."""
+
+    def __init__(self, spec, image_size: int | None = None, limit: int | None = None, *,
+                 fs=None, paths=None):
+        if paths is None:
+            from coreg_ray.data.listing import locate
+            _, fs, paths, _, _ = locate(spec, "this command")
+        super().__init__(spec, image_size, limit, fs)
+        self.paths = list(paths)
+        from coreg_ray.data.location import filesystem_of
+        self._one_file = self.paths == [filesystem_of(self._location())[1]]
+        # from columns() (the driver), pickled with the source: rows of each file, whether
+        # every file has labels, the class names
+        self._counts = self._has_label = self._names = None
+
+    def _open(self, path):
+        from coreg_ray.data.listing import open_image_parquet
+        return open_image_parquet(self.fs, path, self.shown)
+
+    def _classes(self, labels):
+        from coreg_ray.data.listing import read_classes_at
+
+        loc = self._location()
+        names = read_classes_at((loc.parent if self._one_file else loc) / "classes.json")
+        if names is None:
+            if labels is None:
+                raise CoregError(f"{self.shown}: no classes.json beside it and no labels: pass "
+                                 "class names")
+            names = [str(i) for i in range(int(labels.max()) + 1)]
+        return list(names)
 
     def columns(self) -> TableColumns:
-        pf, cols = self._file()
-        want = ["id"] + (["label"] if "label" in cols else [])
-        tbl = pf.read(columns=want)
+        import pyarrow as pa
+
+        parts, counts, has_label = [], [], True
+        for p in self.paths:
+            pf, cols = self._open(p)
+            has_label = has_label and "label" in cols
+            counts.append(pf.metadata.num_rows)
+            parts.append(pf.read(columns=["id"] + (["label"] if "label" in cols else [])))
+        if not has_label:
+            parts = [t.select(["id"]) for t in parts]
+        try:
+            tbl = pa.concat_tables(parts)
+        except pa.ArrowInvalid as exc:
+            raise CoregError(f"{self.shown}: the Parquet files disagree on their columns "
+                             f"({exc})") from None
         if self.limit is not None:
             tbl = tbl.slice(0, self.limit)
         if tbl.num_rows == 0:
-            raise CoregError(f"{self.path}: no rows (no images)")
-        ids = as_ids(tbl.column("id"), str(self.path))  # int64 or str, kept as given
-        labels = tables.label_column(tbl, str(self.path))
-        names = tables.read_classes(self.path)
-        if names is None:
-            if labels is None:
-                raise CoregError(f"{self.path}: no classes.json beside it and no labels: pass "
-                                 "class names")
-            names = [str(i) for i in range(int(labels.max()) + 1)]
-        if len(np.unique(ids)) != len(ids):
-            raise CoregError(f"{self.path}: id {tables._first_duplicate(ids)} appears more "
-                             "than once")
+            raise CoregError(f"{self.shown}: no rows (no images)")
+        ids = as_ids(tbl.column("id"), self.shown)  # int64 or str, kept as given
+        labels = tables.label_column(tbl, self.shown)
+        names = self._classes(labels)
+        dup = first_duplicate(ids)
+        if dup is not None:
+            raise CoregError(f"{self.shown}: id {id_text(dup)} appears more than once")
         if labels is not None and ((labels < 0) | (labels >= len(names))).any():
             i = int(np.flatnonzero((labels < 0) | (labels >= len(names)))[0])
-            raise CoregError(f"{self.path}: row id {ids[i]} has label {labels[i]} outside "
+            raise CoregError(f"{self.shown}: row id {ids[i]} has label {labels[i]} outside "
                              f"0..{len(names) - 1} ({len(names)} classes)")
-        size = self.image_size or self._header_size(pf)
-        return TableColumns(ids, labels, list(names), str(self.path), int(size))
+        self._counts, self._has_label, self._names = counts, has_label, names
+        size = self.image_size or self._header_size()
+        return TableColumns(ids, labels, list(names), self.shown, int(size))
 
-    def _header_size(self, pf) -> int:
+    def _header_size(self) -> int:
         """The working size of a table with no size asked for: that of the most common shape
         among the first 64 images' headers (PIL reads the header; no pixel is decoded)."""
-        from PIL import Image
-
-        batch = next(pf.iter_batches(batch_size=64, columns=["image"]))
         shapes = []
-        for b in batch.column(0).to_pylist():
-            b = b.get("bytes") if isinstance(b, dict) else b
-            try:
-                with Image.open(io.BytesIO(b)) as im:
-                    shapes.append((im.size[1], im.size[0]))
-            except Exception:
-                continue  # a corrupt image fails, naming its id, in the worker that decodes it
-        if not shapes:
-            raise CoregError(f"{self.path}: none of the first images can be read")
-        return tables.working_size(shapes)
+        for p in self.paths:
+            pf, _ = self._open(p)
+            for batch in pf.iter_batches(batch_size=64, columns=["image"]):
+                for b in batch.column(0).to_pylist()[:64 - len(shapes)]:
+                    b = b.get("bytes") if isinstance(b, dict) else b
+                    shapes.append(image_shape(io.BytesIO(b)) if b is not None else None)
+                break
+            if len(shapes) >= 64:
+                break
+        return header_size(shapes, self.shown)
+
+    def _index(self):
+        """(rows of each file, whether every file has labels): kept from `columns()`, else
+        read from the files' footers and schemas."""
+        if self._counts is None:
+            counts, has_label = [], True
+            for p in self.paths:
+                pf, cols = self._open(p)
+                counts.append(pf.metadata.num_rows)
+                has_label = has_label and "label" in cols
+            self._counts, self._has_label = counts, has_label
+        return self._counts, self._has_label
+
+    def _batches(self, lo: int, hi: int, want: list):
+        """The Arrow record batches of rows lo..hi-1 (at most `tables.CHUNK_ROWS` rows each),
+        in order: only the files the range overlaps are opened, only their row groups it
+        overlaps are read, a batch at a time."""
+        at = 0
+        for path, count in zip(self.paths, self._index()[0]):
+            a, b = max(lo, at) - at, min(hi, at + count) - at  # the range in this file
+            if a < b:
+                pf, _ = self._open(path)
+                groups, pos, start = [], None, 0
+                for g in range(pf.metadata.num_row_groups):
+                    rows = pf.metadata.row_group(g).num_rows
+                    if start < b and start + rows > a:
+                        groups.append(g)
+                        pos = start if pos is None else pos
+                    start += rows
+                for batch in pf.iter_batches(batch_size=tables.CHUNK_ROWS, row_groups=groups,
+                                             columns=want):
+                    s, e = max(a, pos), min(b, pos + batch.num_rows)
+                    if s < e:
+                        yield batch.slice(s - pos, e - s)
+                    pos += batch.num_rows
+                    if pos >= b:
+                        break
+            at += count
 
     def read_rows(self, lo: int, hi: int, size: int) -> ImageTable:
-        """Rows lo..hi-1, decoded at `size`: only the row groups the range overlaps are read,
-        only the range's images decoded."""
-        pf, cols = self._file()
-        meta = pf.metadata
-        groups, starts, at = [], [], 0
-        for g in range(meta.num_row_groups):
-            rows = meta.row_group(g).num_rows
-            if at < hi and at + rows > lo:
-                groups.append(g)
-                starts.append(at)
-            at += rows
-        want = ["id", "image"] + (["label"] if "label" in cols else [])
-        tbl = pf.read_row_groups(groups, columns=want).slice(lo - starts[0], hi - lo)
-        ids = as_ids(tbl.column("id"), str(self.path))  # int64 or str, kept as given
-        blobs = tbl.column("image").to_pylist()
-        for i, b in enumerate(blobs):
-            if isinstance(b, dict):
-                blobs[i] = b.get("bytes")
-            if blobs[i] is None:
-                raise CoregError(f"{self.path}: row id {ids[i]} has no image bytes")
-        labels = tbl.column("label").to_numpy().astype(np.int64) if "label" in want else None
-        names = tables.read_classes(self.path) or \
-            [str(i) for i in range(int(labels.max()) + 1 if labels is not None else 0)]
+        """Rows lo..hi-1, decoded at `size` into one preallocated table, a chunk of rows at a
+        time (`tables.decode_chunks`): only the files and row groups the range overlaps are
+        read, only the range's images decoded."""
+        from coreg_ray.data.ids import concat_ids
+
+        has_label = self._index()[1]
+        want = ["id", "image"] + (["label"] if has_label else [])
+        ids, labels = [], []
+
+        def chunks():
+            for batch in self._batches(lo, hi, want):
+                rid = as_ids(batch.column("id"), self.shown)  # int64 or str, kept as given
+                blobs = batch.column("image").to_pylist()
+                for i, b in enumerate(blobs):
+                    if isinstance(b, dict):  # HF-style struct {bytes, path}
+                        blobs[i] = b.get("bytes")
+                    if blobs[i] is None:
+                        raise CoregError(f"{self.shown}: row id {rid[i]} has no image bytes")
+                ids.append(rid)
+                if has_label:
+                    labels.append(tables.label_column(batch, self.shown))
+                yield rid, blobs
+
         meta_out: dict = {}
-        images = tables.decode_images(blobs, ids, size, str(self.path), meta_out)
-        DECODED["rows"] += len(blobs)
+        images = tables.decode_chunks(chunks(), hi - lo, size, self.shown, meta_out)
+        ids = concat_ids(ids)
+        labels = np.concatenate(labels) if has_label else None
+        names = self._names or self._classes(labels)
+        DECODED["rows"] += hi - lo
         DECODED["calls"] += 1
         meta_out["rows"] = (lo, hi)
-        return ImageTable(images, ids, labels, list(names), str(self.path), meta_out)
+        return ImageTable(images, ids, labels, list(names), self.shown, meta_out)
+
+
+class FolderRows(_Rows):
+    """A folder of image files (local or on object storage): ids are the files' paths relative
+    to the folder, labels from its class sub-folders or classes.json, as `load_image_table`
+    finds them (`coreg_ray.data.listing.list_folder`). `columns()` lists the folder and reads
+    a few headers; `read_rows` opens and decodes only the range's files."""
+
+    def __init__(self, spec, image_size: int | None = None, limit: int | None = None, *,
+                 fs=None, root=None):
+        if root is None:
+            from coreg_ray.data.listing import locate
+            _, fs, _, root, _ = locate(spec, "this command")
+        super().__init__(spec, image_size, limit, fs)
+        self.root = root
+        self._listing = None  # (ids, labels, names) from columns(), pickled with the source
+
+    def _list(self):
+        if self._listing is None:
+            from coreg_ray.data.listing import list_folder
+
+            _, ids, _, labels, names, _ = list_folder(self._location(), self.fs, self.root,
+                                                      None, self.limit)
+            self._listing = (ids, labels, tables.folder_classes(names, self.shown))
+        return self._listing
+
+    def _paths(self, ids):
+        return [self.root.rstrip("/") + "/" + rel for rel in ids]
+
+    def columns(self) -> TableColumns:
+        ids, labels, names = self._list()
+        size = self.image_size
+        if not size:
+            shapes = []
+            for p in self._paths(ids[:64]):
+                try:
+                    with self.fs.open_input_file(p) as f:  # PIL reads only the header of it
+                        shapes.append(image_shape(f))
+                except Exception:
+                    continue  # an unreadable file fails, naming it, in the worker that reads it
+            size = header_size(shapes, self.shown)
+        return TableColumns(ids, labels, list(names), self.shown, int(size))
+
+    def read_rows(self, lo: int, hi: int, size: int) -> ImageTable:
+        """Rows lo..hi-1: only those files are opened and decoded, at `size`, into one
+        preallocated table."""
+        ids, labels, names = self._list()
+        part = ids[lo:hi]
+        meta: dict = {}
+        decode = tables.folder_decoder(self.fs, self._paths(part), part, self.shown, size)
+        images = tables._stack(decode, len(part), size, self.shown, part, meta)
+        DECODED["rows"] += len(part)
+        DECODED["calls"] += 1
+        meta.update(files=list(part), rows=(lo, hi))
+        return ImageTable(images, part, None if labels is None else labels[lo:hi], list(names),
+                          self.shown, meta)
+
+
+def image_shape(f):
+    """(h, w) of an image from its header (`f`: a file object; PIL reads only the header, no
+    pixel is decoded), None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            return im.size[1], im.size[0]
+    except Exception:
+        return None  # a corrupt image fails, naming its id, in the worker that decodes it
+
+
+def header_size(shapes, shown: str) -> int:
+    """The working size of a table with no size asked for: that of the most common of these
+    header shapes (the first 64 images'; None: unreadable)."""
+    shapes = [s for s in shapes if s is not None]
+    if not shapes:
+        raise CoregError(f"{shown}: none of the first images can be read")
+    return tables.working_size(shapes)
 
 
 class TableRows:
@@ -205,12 +394,16 @@ class TableRows:
 
 def row_source(spec, image_size: int | None = None, limit: int | None = None):
     """The row source of an image table given as `coreg-ray train --images` takes it (or an
-    `ImageTable`): `ParquetRows` for a Parquet file (or a folder holding train.parquet),
-    `TableRows` for everything else."""
-    if isinstance(spec, (str, Path)) and "://" not in str(spec):
-        path = Path(spec)
-        if path.is_dir() and (path / "train.parquet").exists():
-            path = path / "train.parquet"
-        if path.suffix == ".parquet" and path.is_file():
-            return ParquetRows(path, image_size, limit)
-    return TableRows(spec, image_size, limit)
+    `ImageTable`): `ParquetRows` for a Parquet file, a folder holding train.parquet or one of
+    .parquet files, `FolderRows` for a folder of image files, local or on object storage;
+    `TableRows` for digits, .npz, torchvision and a table already in memory."""
+    from coreg_ray.data.sources import is_builtin
+
+    if isinstance(spec, ImageTable) or is_builtin(spec):
+        return TableRows(spec, image_size, limit)
+    from coreg_ray.data.listing import locate
+
+    kind, fs, paths, root, _ = locate(spec, "this command")
+    if kind == "parquet":
+        return ParquetRows(spec, image_size, limit, fs=fs, paths=paths)
+    return FolderRows(spec, image_size, limit, fs=fs, root=root)

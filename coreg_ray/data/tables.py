@@ -101,20 +101,38 @@ def _to_rgb_array(img, size: int | None):
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_images(blobs, ids, size: int | None, source: str, meta: dict | None = None) -> torch.Tensor:
-    """Decode encoded images (bytes) into uint8 [N,3,H,W]; a bad blob fails naming its id."""
+def _decode_blob(blob, rid, size: int | None, source: str):
+    """(HxWx3 uint8 array at `size`, (h, w) as stored) of one encoded image; a bad blob is one
+    line naming its row id."""
     from coreg_ray.data.pixels import open_image
 
+    try:
+        with open_image(io.BytesIO(blob)) as im:
+            im.load()
+            return _to_rgb_array(im, size), (im.size[1], im.size[0])
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise CoregError(f"{source}: image of row id {id_text(rid)} cannot be decoded "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def decode_images(blobs, ids, size: int | None, source: str, meta: dict | None = None) -> torch.Tensor:
+    """Decode encoded images (bytes) into uint8 [N,3,H,W]; a bad blob fails naming its id."""
     def decode(i):
-        try:
-            with open_image(io.BytesIO(blobs[i])) as im:
-                im.load()
-                return _to_rgb_array(im, size), (im.size[1], im.size[0])
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise CoregError(f"{source}: image of row id {id_text(ids[i])} cannot be decoded "
-                             f"({type(exc).__name__}: {exc})") from None
+        return _decode_blob(blobs[i], ids[i], size, source)
 
     return _stack(decode, len(blobs), size, source, ids, meta)
+
+
+def decode_chunks(chunks, n: int, size: int | None, source: str,
+                  meta: dict | None = None) -> torch.Tensor:
+    """`decode_images` over `chunks`, an iterable of (ids, blobs) holding `n` rows in order,
+    fetched one after the other: with a `size` each chunk is decoded into the one preallocated
+    table and its bytes dropped before the next chunk is fetched."""
+    def parts():
+        for ids, blobs in chunks:
+            yield len(blobs), (lambda j, b=blobs, r=ids: _decode_blob(b[j], r[j], size, source))
+
+    return _fill(parts(), n, size, source, meta)
 
 
 def working_size(shapes) -> int:
@@ -127,19 +145,42 @@ def working_size(shapes) -> int:
     return max(h, w)
 
 
+# rows decoded at a time into a preallocated table when the working size is known
+CHUNK_ROWS = 2048
+
+
 def _stack(decode, n, size, source, ids, meta: dict | None = None):
     """Run `decode(i) -> (HxWx3 uint8 array, (h, w) as stored)` over all rows and stack them at
     the working size (`size`, else the most common one); the odd ones are letterboxed to it and
     counted: one note on stderr says how many, `meta["resized"]` keeps the number."""
+    return _fill(((min(CHUNK_ROWS, n - a), lambda j, a=a: decode(a + j))
+                  for a in range(0, n, CHUNK_ROWS)), n, size, source, meta)
+
+
+def _fill(parts, n, size, source, meta: dict | None = None):
+    """`_stack` over `parts`, an iterable of (rows, decode(j) for j < rows), in row order. With
+    a `size`, every image is written into one preallocated uint8 [n,3,S,S] array as it is
+    decoded (no list of arrays, no stacked copy, no permuted copy: 1x the images instead of
+    3x); without one, the images are kept until the most common size is known, then stacked.
+    The pixels are the same either way."""
     if n == 0:
         raise CoregError(f"{source}: no images")
     workers = min(8, os.cpu_count() or 1)
+    out = np.empty((n, 3, size, size), np.uint8) if size is not None else None
+    arrays, stored = [], []
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(decode, range(n), chunksize=256))
-    arrays = [a for a, _ in decoded]
-    stored = [s for _, s in decoded]
+        for rows, decode in parts:
+            for arr, shape in pool.map(decode, range(rows)):
+                if out is not None:
+                    out[len(stored)] = arr.transpose(2, 0, 1)
+                else:
+                    arrays.append(arr)
+                stored.append(shape)
+            del decode  # the chunk's bytes go before the next chunk is fetched
+    if len(stored) != n:
+        raise CoregError(f"{source}: {len(stored)} images read, {n} expected")
     target = size if size is not None else working_size(stored)
-    odd = [i for i in range(n) if arrays[i].shape[:2] != (target, target)]
+    odd = [i for i in range(len(arrays)) if arrays[i].shape[:2] != (target, target)]
     for i in odd:  # only without a size: with one, decode already letterboxed every image
         arrays[i] = _letterbox(arrays[i], target)
     resized = sum(s != (target, target) for s in stored)
@@ -154,7 +195,10 @@ def _stack(decode, n, size, source, ids, meta: dict | None = None):
     elif resized and size is None:
         h, w = stored[0]
         note(f"{source}: all {n} images are {w}x{h} (not square): letterboxed to {target}x{target}")
+    if out is not None:
+        return torch.from_numpy(out)
     out = np.stack(arrays)
+    del arrays
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -168,11 +212,7 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
                      limit: int | None = None, classes: list[str] | None = None) -> ImageTable:
     """Load any supported source (see module doc). `limit` keeps the first n rows."""
     spec = str(spec)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CoregError(f"--limit: {limit!r} is out of range (valid: >= 1, the rows to keep)")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 4 <= image_size <= 1024):
-        raise CoregError(f"--image-size: {image_size!r} is out of range (valid: [4, 1024])")
+    check_size_limit(image_size, limit)
     if spec.split(":")[0] == "digits":
         table = _load_digits(spec, image_size)
     elif spec.startswith("torchvision:"):
@@ -193,6 +233,15 @@ def load_image_table(spec: str | os.PathLike, image_size: int | None = None,
     if limit is not None and len(table) > limit:
         table = table.subset(np.arange(limit))
     return table
+
+
+def check_size_limit(image_size, limit) -> None:
+    """One line for a `--limit` or `--image-size` out of range."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CoregError(f"--limit: {limit!r} is out of range (valid: >= 1, the rows to keep)")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 4 <= image_size <= 1024):
+        raise CoregError(f"--image-size: {image_size!r} is out of range (valid: [4, 1024])")
 
 
 def read_classes(path: Path) -> list[str] | None:
@@ -366,18 +415,35 @@ def _load_folder(loc, fs, root, size, limit, classes) -> ImageTable:
     """A folder of image files (`coreg_ray.data.listing.list_folder`: the label rule of
     `coreg_ray.data.sources`), decoded once; ids are the files' relative paths. A file that
     cannot be decoded (or is over the pixel cap) stops the load naming it."""
-    from PIL import UnidentifiedImageError
-
-    from coreg_ray.data.pixels import open_image
-
     from coreg_ray.data.listing import list_folder
 
     paths, ids, _, labels, names, _ = list_folder(loc, fs, root, classes, limit)
     shown = str(loc)
+    folder_classes(names, shown)
+    meta = {}
+    images = _stack(folder_decoder(fs, paths, ids, shown, size), len(ids), size, shown, ids, meta)
+    table = ImageTable(images, ids, labels, list(names), shown, meta)
+    table.meta["files"] = list(ids)
+    return table
+
+
+def folder_classes(names, shown: str) -> list:
+    """The class names of a folder pool; one line when it has none (nothing to train on)."""
     if names is None:
         raise CoregError(f"{shown}: no class sub-folders (an image lies directly in the "
                          "folder) and no classes.json: pass class names, or put each image in "
                          "a sub-folder named after its class")
+    return list(names)
+
+
+def folder_decoder(fs, paths, ids, shown: str, size: int | None):
+    """decode(i) -> (HxWx3 uint8 array, (h, w) as stored) of image file `paths[i]` (id
+    `ids[i]`, its path relative to the folder), read when it is decoded; one line naming the
+    file when it cannot be read or decoded. Shared by the whole-folder loader and the sharded
+    reader (`coreg_ray.data.shards.FolderRows`)."""
+    from PIL import UnidentifiedImageError
+
+    from coreg_ray.data.pixels import open_image
 
     def decode(i):
         rel, data = ids[i], b""
@@ -393,11 +459,7 @@ def _load_folder(loc, fs, root, size, limit, classes) -> ImageTable:
             raise CoregError(f"{shown}/{rel}: cannot be decoded ({why}); move it out of "
                              "the folder (annotate and predict keep such files as error rows)") from None
 
-    meta = {}
-    images = _stack(decode, len(ids), size, shown, ids, meta)
-    table = ImageTable(images, ids, labels, list(names), shown, meta)
-    table.meta["files"] = list(ids)
-    return table
+    return decode
 
 
 def _bio(exc) -> str:
