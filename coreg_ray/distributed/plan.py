@@ -37,20 +37,15 @@ from coreg_ray.errors import CoregError
 # 5.6-6.0 GB; the rest, 0.7-1.6 GB, is this constant (the largest, rounded up). Peak minus
 # images alone (6.2-7.1 GB) would count the activations twice: they are measured from the model.
 FIXED_CPU_HOST_GB = 1.6
-# While a worker reads and decodes its rows (`ParquetRows.read_rows`, then the trainer's device
-# data) its host memory holds about LOAD_FACTOR x its images at once (the Arrow row groups and
-# the JPEG bytes, the decoded images one by one and stacked, the candidates): measured with the
-# MLP (whose training adds little) at 32 px, 2 CPU workers, 50k / 150k / 500k rows each: peak
-# RSS 1.86 / 3.06 / 8.08 GB, +13.8 KB a row = 4.5 x 3,072 bytes a row (scale_cpu.jsonl). The
-# host need is the larger of that loading peak and the training terms. 32 px only.
-# Since issue 22 a worker decodes into one preallocated table, a chunk of rows at a time (no
-# list of arrays, no stacked or permuted copy, no whole row-group table): the same MLP runs
-# (scale_memory.py, 2 workers, pools of 100k / 300k rows) peaked at 1,637 / 2,046 MiB instead
-# of 1,777 / 2,920 MiB with the previous reader: from 50k to 150k rows a worker +4.3 KB a row
-# (1.4 x the images) instead of +12.0 KB. The factor is kept until scale_cpu.jsonl is measured
-# again with this reader: the plan stays above every peak recorded there (tests/test_sharded.py)
-# and so, for now, over-asks by about 3 x a worker's images.
-LOAD_FACTOR = 4.5
+# While a worker reads and decodes its rows (`shards.ParquetRows.read_rows`, decoding a chunk of
+# rows at a time into one preallocated table, then the trainer's device data) its host memory
+# holds about LOAD_FACTOR x its images at once: measured with the MLP (whose training adds
+# little) at 32 px, 2 CPU workers, 50k / 150k / 500k rows each, peak RSS 1.70 / 2.13 / 3.22 GB:
+# +3.2 KB a row from 50k to 500k (1.05 x the 3,072 bytes of an image), +4.3 KB (1.4 x) from 50k
+# to 150k; 1.5 keeps the plan above each (scale_cpu.jsonl, rows with "reader": "chunked").
+# The reader before it (a list of decoded arrays, then stacked and permuted copies) held 4.5 x.
+# The host need is the larger of that loading peak and the training terms. 32 px only.
+LOAD_FACTOR = 1.5
 FIXED_HOST_GB = 4.0  # GPU worker's host: the 3.6 / 4.0 GB RSS of a whole CPU worker (1k CIFAR)
 FIXED_DEVICE_GB = 1.5  # assumed: CUDA context, cuDNN / allocator workspaces
 GB = 1e9
