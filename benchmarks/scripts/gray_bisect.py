@@ -9,8 +9,8 @@ only what every commit since bc95981 has (ImageTable, AnnotationTable, quickstar
 Config.set, run_method). Run a commit's code by putting a checkout of it first on PYTHONPATH:
 
     python benchmarks/scripts/gray_bisect.py --make-data runs/gray-bisect --seeds 0 1 2
-    git worktree add --detach /tmp/at-bc95981 bc95981
-    PYTHONPATH=/tmp/at-bc95981 python benchmarks/scripts/gray_bisect.py --data runs/gray-bisect \
+    git worktree add --detach ../at-bc95981 bc95981
+    PYTHONPATH=../at-bc95981 python benchmarks/scripts/gray_bisect.py --data runs/gray-bisect \
         --seed 0 --label bc95981 --out benchmarks/results/gray-probe/bisect.jsonl
 
 One JSON line per (label, seed, method, overrides); rows already in --out are skipped.
