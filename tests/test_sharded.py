@@ -288,6 +288,28 @@ def test_two_workers_decode_only_their_rows_and_the_driver_none(ray_runtime, poo
                           mlflow=False, log=lambda *a: None)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_relative_paths_reach_the_workers(ray_runtime, pool, tmp_path, monkeypatch):
+    """The workers read the pool and the annotation file themselves, and Ray starts them in a
+    folder of its own: paths given relative to the driver's folder (as a user types them) are
+    made absolute before they are sent (they failed with "annotation table not found")."""
+    from coreg_ray.data.location import for_workers
+    from coreg_ray.distributed.train import train_distributed
+
+    monkeypatch.chdir(pool["dir"])
+    assert for_workers("ann.parquet") == str(pool["ann"])
+    assert for_workers("digits:train") == "digits:train"  # not a path
+    assert for_workers("missing.parquet") == "missing.parquet"  # its error names it as given
+    assert for_workers("s3://b/p.parquet") == "s3://b/p.parquet"
+    assert for_workers("torchvision:CIFAR10:test") == f"torchvision:CIFAR10:{pool['dir']}/test"
+    m = train_distributed("train.parquet", "ann.parquet", tmp_path / "rel",
+                          tiny_config(**{"train.epochs": 2, "train.warmup_epochs": 1}),
+                          test_images="test/test.parquet", workers=2, mlflow=False,
+                          log=lambda *a: None)
+    assert [h["epoch"] for h in m["history"]] == [0, 1] and m["test_accuracy"] > 0
+
+
 # ------------------------------------------------------------------ the plan
 def test_plan_prints_what_each_worker_needs_and_writes_nothing(pool, tmp_path, capsys):
     from coreg_ray.cli import main

@@ -289,6 +289,22 @@ def location(spec):
     return UriPath(str(spec)) if is_uri(spec) else Path(spec)
 
 
+def for_workers(spec):
+    """`spec` as a process started in another folder must name it: an existing local path made
+    absolute (Ray workers do not run in the driver's working folder), and so the ROOT of
+    `torchvision:NAME:ROOT`; URIs, `digits...`, missing paths (left for the one-line error
+    naming them as given) and tables in memory unchanged."""
+    if not isinstance(spec, (str, os.PathLike)) or is_uri(spec):
+        return spec
+    text = str(spec)
+    if text.startswith("torchvision:"):
+        parts = text.split(":")
+        if len(parts) >= 3 and parts[2] and Path(parts[2]).exists():
+            parts[2] = str(Path(parts[2]).absolute())
+        return ":".join(parts)
+    return str(Path(text).absolute()) if Path(text).exists() else spec
+
+
 def filesystem_of(loc):
     """(pyarrow FileSystem, path) for a `UriPath` or a local path."""
     import pyarrow.fs as pafs

@@ -241,6 +241,7 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     from coreg_ray.coreg.trainer import CHECKPOINT
     from coreg_ray.data import AnnotationTable, annotation_stats, read_annotations
     from coreg_ray.data.annotation_rows import AnnotationRows
+    from coreg_ray.data.location import for_workers
     from coreg_ray.distributed.shard_data import error_box
 
     if workers < 1:
@@ -253,6 +254,8 @@ def train_distributed(images, annotations, output, config=None, overrides=(), te
     cfg = resolve_config(RunSpec(images, annotations, out, config, overrides, run_name=run_name,
                                  tracking=mlflow, register=register), None, out / "config.yaml")
     size = image_size or cfg.data.image_size
+    # the workers read the files themselves, from their own working folder: absolute paths
+    images, annotations, test_images = map(for_workers, (images, annotations, test_images))
     inputs = check_sharded_inputs(cfg, images, annotations, test_images, size, limit, workers)
     src, test_src, train, test, ann, checked = inputs
     storage = storage_path or str((out / "ray").resolve())
