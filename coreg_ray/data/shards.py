@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -109,11 +108,10 @@ class _Rows:
     the name shown."""
 
     def __init__(self, spec, image_size, limit, fs):
-        from coreg_ray.data.location import is_uri, location
+        from coreg_ray.data.location import for_workers, location
 
         tables.check_size_limit(image_size, limit)
-        # a local path made absolute: a Ray worker's working folder is not the driver's
-        self.spec = str(spec) if is_uri(spec) else str(Path(spec).absolute())
+        self.spec = str(for_workers(spec))  # a Ray worker's working folder is not the driver's
         self.image_size, self.limit, self._fs = image_size, limit, fs
         self.shown = str(location(spec))  # as load_image_table names it (no credentials)
 
