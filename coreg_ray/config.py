@@ -229,6 +229,9 @@ class TrainConfig(_Section):
     # PreAct ResNet-18 on an H200 within the run-to-run spread of eager (benchmarks/gpu_h200.md);
     # small_cnn on this CPU ~1.8x faster per epoch.
     compile: bool = False
+    # several workers: BatchNorm statistics over every worker's rows (the batch one process
+    # would normalise by); false: each worker's own rows (plain DDP). No effect on one process.
+    sync_batchnorm: bool = True
     # test-set evaluation every N epochs (and always at the end)
     eval_every: int = _key(1, Range(1, 100_000))
     checkpoint_every: int = _key(1, Range(1, 100_000))

@@ -5,7 +5,9 @@
 # commands a user runs:
 #   coreg-ray simulate-annotator  (once: the preset's candidate sets for the 4,000 rows)
 #   coreg-ray train ...            (one process; equal bit for bit to 1 Ray worker, tests/test_sharded.py)
-#   coreg-ray train ... --workers 2
+#   coreg-ray train ... --workers 2                 (BatchNorm over both workers' rows: the default)
+#   coreg-ray train ... --workers 2 --set train.sync_batchnorm=false   (PER_RANK=1: plain DDP)
+# Rows of earlier code are kept (folders w2pr-*, w2sb-*; see VARIANTS below).
 # Resumable: a run whose output holds metrics.json is skipped. Rows, one JSON line per
 # run, go to benchmarks/results/gtsrb_workers.jsonl (rewritten from the runs each time).
 #   DATA=../shared/data/gtsrb32 nohup bash benchmarks/scripts/gtsrb_workers.sh > runs/gtsrb_workers.log 2>&1 &
@@ -39,10 +41,11 @@ PY
     --limit 4000 --like clip-vitb32 --dataset gtsrb --seed 0 --output "$OUT/clip-like.parquet"
 [ -n "${PREP_ONLY:-}" ] && exit 0
 
-run() {  # $1 workers (0: one process), $2 seed
-  local dir="$OUT/w$1-s$2" extra=()
+run() {  # $1 workers (0: one process), $2 seed, $3 "nb": per-rank BatchNorm
+  local dir="$OUT/w$1${3:-}-s$2" extra=()
   [ -f "$dir/metrics.json" ] && return
   [ "$1" -gt 0 ] && extra=(--workers "$1")
+  [ "${3:-}" = nb ] && extra+=(--set train.sync_batchnorm=false)
   echo "== workers $1 seed $2: $(date -u +%H:%M)"
   "$CLI" train --images "$DATA/train.parquet" --limit 4000 --annotations "$OUT/clip-like.parquet" \
       --test-images "$OUT/test/test.parquet" "${SETS[@]}" --set train.seed="$2" \
@@ -54,6 +57,13 @@ collect() {
 import json, sys
 from pathlib import Path
 out, res = Path(sys.argv[1]), Path(sys.argv[2])
+# folders w2<tag>-s<seed>: runs of earlier code are kept under a tag saying what they ran
+VARIANTS = {
+    "": "BatchNorm over every worker's rows; every rank's P pass as long as the largest rank's",
+    "nb": "BatchNorm per worker (train.sync_batchnorm=false); P pass as long as the largest rank's",
+    "sb": "BatchNorm over every worker's rows; P pass cut to the smallest rank's (code of 2026-12-06, before the P fill)",
+    "pr": "BatchNorm per worker; P pass cut to the smallest rank's (commit 486fbf2)",
+}
 rows = []
 for d in sorted(out.glob("w*-s*")):
     f = d / "metrics.json"
@@ -61,7 +71,10 @@ for d in sorted(out.glob("w*-s*")):
         continue
     m = json.loads(f.read_text())
     w, s = d.name[1:].split("-s")
+    tag = w.lstrip("0123456789")
+    w = w[:len(w) - len(tag)]
     rows.append({"workers": int(w) or 1, "path": "one process" if w == "0" else "ray train",
+                 "code": VARIANTS[tag] if w != "0" else "one process",
                  "seed": int(s), "test_accuracy": m.get("test_accuracy"),
                  "partial_accuracy": m.get("partial_accuracy"),
                  "seconds": m.get("wall_seconds"),
@@ -78,3 +91,4 @@ while [ $# -gt 0 ]; do
   collect
 done
 for s in $SEEDS; do run 2 "$s"; collect; done
+if [ -n "${PER_RANK:-}" ]; then for s in $SEEDS; do run 2 "$s" nb; collect; done; fi

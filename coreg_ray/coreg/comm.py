@@ -56,6 +56,9 @@ class TorchDistComm(LocalComm):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.find_unused = find_unused_parameters
+        # BatchNorm's own group (`coreg_ray.coreg.sync_bn`): its collectives, forward and
+        # backward, never interleave with DDP's gradient buckets on the default group
+        self.bn_group = dist.new_group() if self.world_size > 1 else None
 
     def all_gather(self, t):
         parts = [torch.empty_like(t) for _ in range(self.world_size)]

@@ -70,9 +70,14 @@ def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_u
 
     A batch of one row is never made (the projection head's BatchNorm cannot train on it; the
     reference stops with an error there): a last P batch of one row is dropped, a last U batch
-    of one row is skipped for the next shuffle's first. Several ranks: each takes as many P and
-    U rows as the rank with the fewest holds (its own shuffle of them), so every rank gets the
-    same number of batches of the same sizes, which DDP and the all_gathers need."""
+    of one row is skipped for the next shuffle's first.
+
+    Several ranks (every rank must make the same number of steps with batches of the same
+    sizes, which DDP and the all_gathers need): every rank's P pass is as long as the largest
+    rank's P count, so no P row goes untrained; a rank with fewer P rows fills its pass with
+    rows of a fresh shuffle of its own P rows (as `DistributedSampler` pads), a few rows twice.
+    U: each shuffle gives as many rows as the rank with the fewest U rows holds (U is drawn
+    round after round anyway). No rank has 2 P rows: no batches on any."""
     w = comm.world_size
     bs = max(1, batch // w)
     g = _rank_generator(seed, comm.rank)
@@ -80,14 +85,18 @@ def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_u
     u_idx = torch.nonzero(~is_p.cpu()).view(-1)
     p_order = torch.randperm(len(p_idx), generator=g)
     u_order = torch.randperm(len(u_idx), generator=g)
-    p_least, u_least = len(p_idx), len(u_idx)
+    p_least, u_least, p_most = len(p_idx), len(u_idx), len(p_idx)
     if w > 1:
         p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least],
                                                              device=device)).tolist()
+        p_most = int(comm.all_reduce_max(torch.tensor([p_most], device=device)).item())
     if p_least < 2:
         return []
-    p_mine = p_idx[p_order[:p_least]].to(device)
-    sizes = [bs] * (p_least // bs) + ([p_least % bs] if p_least % bs > 1 else [])
+    p_mine = p_idx[p_order]
+    while len(p_mine) < p_most:  # fill up to the largest rank's pass (several ranks only)
+        p_mine = torch.cat([p_mine, p_idx[torch.randperm(len(p_idx), generator=g)]])
+    p_mine = p_mine[:p_most].to(device)
+    sizes = [bs] * (p_most // bs) + ([p_most % bs] if p_most % bs > 1 else [])
     p_batches = p_mine[:sum(sizes)].split(sizes)
     if u_least < 2 or not use_unlabeled:
         return [(ix, None) for ix in p_batches]

@@ -60,6 +60,7 @@ from coreg_ray.coreg.device_data import (CheckedInputs, TrainingData, check_trai
                                          data_fingerprint, grayscale_view, prepare_training_data,
                                          resize_images, resolve_device)
 from coreg_ray.coreg.moco import MoCoQueue
+from coreg_ray.coreg.sync_bn import convert_global_batchnorm
 from coreg_ray.coreg.persist import Persistence
 from coreg_ray.coreg.optim import close_epoch, compile_nets, cosine_lr, make_sgd, set_lr  # noqa: F401
 
@@ -99,6 +100,8 @@ class CoReg(Persistence):
         # Models: same seed on every rank, so DDP replicas start identical.
         torch.manual_seed(cfg.train.seed)
         self.raw_nets = [self._new_net() for _ in range(2)]
+        if self.comm.world_size > 1 and cfg.train.sync_batchnorm:  # one model, as one process
+            self.raw_nets = [convert_global_batchnorm(n, getattr(self.comm, "bn_group", None)) for n in self.raw_nets]
         self.key_nets = [copy.deepcopy(n).requires_grad_(False) for n in self.raw_nets]
         if cfg.train.compile:
             compile_nets(self.raw_nets + self.key_nets)
