@@ -10,6 +10,7 @@ import yaml
 
 from coreg_ray.errors import CoregError
 from coreg_ray.experiment import Experiment, format_table
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,6 +239,7 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_runtime, ml
           and r["setting"] == "simulated VLM"]
     assert zs[0] == zs[1]  # the annotator does not depend on the run's seed
     assert (out / "table.csv").read_text().startswith("method,")
+    assert not (out / "checkpoints").exists()  # every run recorded: no checkpoint kept
     # MLflow: one parent, a child per run with the per-epoch test accuracy
     # an earlier test may have called mlflow.set_tracking_uri, which beats the env variable
     mlflow.set_tracking_uri(uri)
@@ -278,3 +280,43 @@ def test_digits_smoke_experiment_on_ray_with_mlflow_and_relaunch(ray_runtime, ml
     assert len(recs) == 14 and len(failed) == 2
     assert all("device" in r["error"].lower() and "\n" not in r["error"] for r in failed)
     assert sum("FAILED (" in x for x in lines) == 2
+
+
+def test_a_killed_coreg_run_continues_from_its_checkpoint(digits_synthetic, tmp_path, monkeypatch):
+    """A Co-Reg run of an experiment keeps OUTPUT/checkpoints/<run>/checkpoint.pt after every
+    epoch: run again (the relaunch of a killed experiment), it trains only the epochs after the
+    last one saved and ends as an uninterrupted run does."""
+    from coreg_ray.coreg.trainer import CoReg
+    from coreg_ray.experiment.driver import _checkpoint_dir, execute_run
+
+    train, ann, test = digits_synthetic
+    cfg = tiny_config(**{"train.epochs": 4, "train.warmup_epochs": 2})
+    run = {"method": "coreg", "setting": "q=0.3, η=0.1", "seed": 0, "shots": 0,
+           "fingerprint": "abc123", "config": cfg.to_dict(), "params": None}
+    ck = _checkpoint_dir(tmp_path, run)
+    assert ck.parent == tmp_path / "checkpoints" and "abc123" in ck.name and "=" not in ck.name
+    assert _checkpoint_dir(tmp_path, {**run, "method": "cc"}) is None  # baselines: nothing
+
+    whole = execute_run(dict(run), train, test, ann, None)
+    assert whole["status"] == "ok"
+
+    real = CoReg.coreg_epoch
+
+    def killed_in_epoch_3(self, epoch):
+        if epoch == 2:
+            raise RuntimeError("worker killed")
+        return real(self, epoch)
+
+    monkeypatch.setattr(CoReg, "coreg_epoch", killed_in_epoch_3)
+    first = execute_run({**run, "checkpoint_dir": str(ck)}, train, test, ann, None)
+    assert first["status"] == "failed" and "worker killed" in first["error"]
+    assert (ck / "checkpoint.pt").is_file()
+    monkeypatch.setattr(CoReg, "coreg_epoch", real)
+    ran = []
+    monkeypatch.setattr(CoReg, "divide", lambda self, epoch, _d=CoReg.divide:
+                        ran.append(epoch) or _d(self, epoch))
+    again = execute_run({**run, "checkpoint_dir": str(ck)}, train, test, ann, None)
+    assert again["status"] == "ok" and ran == [2, 3]  # only the epochs after the checkpoint
+    assert again["test_accuracy"] == whole["test_accuracy"]
+    assert [h["test_accuracy"] for h in again["history"]] == \
+        [h["test_accuracy"] for h in whole["history"]]

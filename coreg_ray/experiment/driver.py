@@ -111,12 +111,16 @@ def execute_run(run: dict, train, test, annotations, test_annotations) -> dict:
                       f"{100 * stats['test_accuracy']:.1f}% "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
+        ck = run.get("checkpoint_dir")  # a Co-Reg variant: continue a killed run's epochs
+        if ck and (Path(ck) / "checkpoint.pt").exists():
+            print(f"  {label}: continuing from its checkpoint ({ck})", flush=True)
         keep = run.get("keep_model")  # tracked: the student's model.pt comes back as bytes
         model_dir = Path(tempfile.mkdtemp(prefix="coreg-run-")) if keep else None
         try:
             res = run_method(run["method"], cfg, train, annotations, test, test_annotations,
                              params=run["params"] or None, callbacks=[progress],
-                             model_path=model_dir / "model.pt" if keep else None)
+                             model_path=model_dir / "model.pt" if keep else None,
+                             output_dir=ck, resume=bool(ck))
             if keep and (model_dir / "model.pt").exists():
                 out["model_pt"] = (model_dir / "model.pt").read_bytes()
         finally:
@@ -174,6 +178,23 @@ def _keep_model(out: Path, run: dict, blob: bytes | None) -> Path | None:
     with atomic_path(path) as tmp:  # (creates the folder)
         Path(tmp).write_bytes(blob)
     return path
+
+
+def _checkpoint_dir(out: Path, run: dict) -> Path | None:
+    """OUTPUT/checkpoints/<run>/: where a Co-Reg variant's run keeps its checkpoint.pt, written
+    after every epoch, so that a relaunch of a killed experiment continues the runs it was in
+    the middle of (the fingerprint in the name: another config or data starts afresh); removed
+    once the run is recorded. None for methods with nothing to resume (baselines, zero-shot,
+    few-shot)."""
+    import re
+
+    from coreg_ray.methods import method_info
+
+    if method_info(run["method"]).kind != "coreg":
+        return None
+    shots = f"-{run['shots']}shot" if run["shots"] else ""
+    name = re.sub(r"[^\w.-]", "_", f"{run['method']}-{run['setting']}-seed{run['seed']}{shots}")
+    return out / "checkpoints" / f"{name}-{run['fingerprint']}"
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -398,7 +419,11 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                     run = pending.pop(0)
                     tr, te = refs[setting_data[run["setting"]]]
                     a, ta = ann_refs[run["setting"]]
-                    task = {**run, "num_cpus": opts["num_cpus"], "keep_model": tracker is not None}
+                    ck = _checkpoint_dir(out, run)
+                    if ck is not None and not resume:  # --no-resume: every run from epoch 1
+                        shutil.rmtree(ck, ignore_errors=True)
+                    task = {**run, "num_cpus": opts["num_cpus"], "keep_model": tracker is not None,
+                            "checkpoint_dir": str(ck) if ck is not None else None}
                     in_flight[remote.remote(task, tr, te, a, ta)] = run
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
@@ -426,6 +451,11 @@ def run_experiment(config, output_dir, overrides=(), parallel: int | None = None
                             run, rec, history, annotator[run["setting"]], model, train, register)
                     _append(results_path, rec)
                     latest[run["key"]] = rec
+                    ck = _checkpoint_dir(out, run)
+                    if rec["status"] == "ok" and ck is not None:  # recorded: nothing to resume
+                        shutil.rmtree(ck, ignore_errors=True)
+                        if ck.parent.is_dir() and not any(ck.parent.iterdir()):
+                            ck.parent.rmdir()
                     finished += 1
                     n_failed += rec["status"] == "failed"
                     if rec["status"] == "ok":
