@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GTSRB table at the paper's schedule (configs/exp-gtsrb-cpu-100.yaml: 100 epochs, 50 warm-up),
 # resumable: rerun it and every finished run is skipped (runs/exp-gtsrb-cpu-100/results.jsonl,
-# seeded from benchmarks/results/gtsrb-cpu-100/ when missing). On 2 cores a Co-Reg row takes
+# seeded from benchmarks/results/gtsrb-cpu-100/ when missing), and a Co-Reg run that was killed
+# continues from its last epoch (runs/exp-gtsrb-cpu-100/checkpoints/). On 2 cores a Co-Reg row takes
 # about 1.5 h, so the rows go in the order that fills the table's most telling cells first:
 #   1. Co-Reg, both columns at once
 #   2. true-labels ceiling, zero-shot, warm-up-only, PRODEN, ALIM-Scale
