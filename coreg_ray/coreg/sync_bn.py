@@ -4,10 +4,11 @@ With W ranks each holding batch / W rows, per-rank BatchNorm normalises by stati
 W times smaller batch than one process would, and its running statistics follow rank 0's
 rows only: the model trained is not the one a single process trains. `GlobalBatchNorm`
 computes the training-mode mean and variance over the rows of every rank (one all-reduce of
-[sum, sum of squares, count] per call, differentiable, so gradients flow through the shared
-statistics as in one process) and updates the running statistics with them, identically on
-every rank. Eval mode is plain BatchNorm. Unlike `torch.nn.SyncBatchNorm` it runs on CPU
-(gloo) as well as CUDA (NCCL).
+[sum, sum of squares, count] per forward, one of [sum dy, sum dy * x_hat] per backward, so
+the gradients are one process's) and updates the running statistics with them, identically
+on every rank; like BatchNorm it keeps only its input and two [C] vectors for the backward.
+Eval mode is plain BatchNorm. Unlike `torch.nn.SyncBatchNorm` it runs on CPU (gloo) as well
+as CUDA (NCCL).
 
 Every rank must make the same sequence of training-mode forwards (the trainer's batches have
 equal sizes on every rank, which DDP needs anyway). One process never converts anything.
@@ -18,26 +19,58 @@ import torch
 from torch import nn
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; its gradient is the sum over ranks of the gradients (every rank's
-    loss depends on every rank's rows through the shared statistics)."""
+def _layout(x: torch.Tensor):
+    """The dims BatchNorm reduces over and the per-channel view shape of an [N, C, ...] input."""
+    return [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+
+
+class _GlobalBatchNormFn(torch.autograd.Function):
+    """Training-mode BatchNorm over every rank's rows: forward all-reduces [sum, sum of squares,
+    count], backward all-reduces [sum dy, sum dy * x_hat] (the gradient of every rank's loss
+    through the shared statistics). Saves only the input and two [C] vectors, as BatchNorm."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, weight, bias, shift, eps, group):
         import torch.distributed as dist
 
+        dims, shape = _layout(x)
+        c = x.shape[1]
+        xf = x.float()
+        d = xf - shift.view(shape)  # shifted by the running mean (equal on every rank): exact var
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32)
+        stats = torch.cat([d.sum(dims), (d * d).sum(dims), count])
+        dist.all_reduce(stats, group=group)
+        n = stats[-1]
+        mean_d = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean_d * mean_d).clamp_min(0.0)
+        mean = mean_d + shift
+        rstd = torch.rsqrt(var + eps)
+        y = (xf - mean.view(shape)) * rstd.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight, mean, rstd, n)
         ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        ctx.mark_non_differentiable(mean, var, n)
+        return y.to(x.dtype), mean, var, n
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, dy, _mean, _var, _n):
         import torch.distributed as dist
 
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        x, weight, mean, rstd, n = ctx.saved_tensors
+        dims, shape = _layout(x)
+        c = x.shape[1]
+        xhat = (x.float() - mean.view(shape)) * rstd.view(shape)
+        dyf = dy.float()
+        local = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])
+        d_bias, d_weight = local[:c].clone(), local[c:].clone()  # this rank's rows (DDP sums)
+        dist.all_reduce(local, group=ctx.group)
+        scale = rstd if weight is None else rstd * weight.float()
+        dx = (dyf - (local[:c] / n).view(shape) - xhat * (local[c:] / n).view(shape)) \
+            * scale.view(shape)
+        if weight is None:
+            return dx.to(x.dtype), None, None, None, None, None
+        return dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype), None, None, None
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -54,32 +87,20 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        # shifted sums (the shift: the running mean, equal on every rank) keep var exact in fp32
-        shift = self.running_mean.detach().view(shape) if self.running_mean is not None else 0.0
-        d = xf - shift
-        count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
-        stats = _AllReduceSum.apply(torch.cat([d.sum(dims), (d * d).sum(dims), count]),
-                                    self.group())
-        c = x.shape[1]
-        n = stats[-1]
-        mean_d = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean_d * mean_d).clamp_min(0.0)
-        mean = mean_d + (shift.view(-1) if torch.is_tensor(shift) else 0.0)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        shift = (self.running_mean.detach().float() if self.running_mean is not None
+                 else torch.zeros(x.shape[1], device=x.device))
+        y, mean, var, n = _GlobalBatchNormFn.apply(
+            x, self.weight if self.affine else None, self.bias if self.affine else None,
+            shift, self.eps, self.group())
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (self.momentum if self.momentum is not None
                      else 1.0 / float(self.num_batches_tracked))
-                unbiased = var.detach() * (n / (n - 1).clamp_min(1.0))
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                unbiased = var * (n / (n - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        return y.to(x.dtype)
+        return y
 
 
 def convert_global_batchnorm(module: nn.Module, group=None) -> nn.Module:
