@@ -311,24 +311,42 @@ class CoReg(Persistence):
         return stats
 
     def _align(self, k: int, probs: torch.Tensor) -> torch.Tensor:
-        """Distribution alignment as the reference runs it: chunk by chunk in index order, in
+        """Distribution alignment as the reference runs it: chunk by chunk in row order, in
         chunks of one training batch (their eval loader's), each chunk first written into net
         k's prediction table, then divided by the table's mean (rows not yet reached this pass
         still hold their last prediction, from the previous divide pass or the warm-up). The
-        mean is kept as a running float64 sum over every rank's rows: O(chunk) per chunk."""
+        mean is kept as a running float64 sum: O(chunk) per chunk."""
         table, out = self.pred_table[k], torch.empty_like(probs)
-        w = self.comm.world_size
-        chunks = list(torch.arange(self.n, device=self.device).split(
-            max(1, self.cfg.train.batch_size // w)))
-        if w > 1:  # every rank takes part in every chunk's mean
-            most = int(self.comm.all_reduce_max(torch.tensor([len(chunks)], device=self.device)).item())
-            chunks += [chunks[0][:0]] * (most - len(chunks))
+        b = max(1, self.cfg.train.batch_size)
         total = self.comm.all_reduce_sum(table.double().sum(0))
-        for chunk in chunks:
+        if self.comm.world_size > 1:
+            return self._align_sharded(table, probs, total, b)
+        for chunk in torch.arange(self.n, device=self.device).split(b):
             new = probs[chunk].float()
-            total = total + self.comm.all_reduce_sum((new.double() - table[chunk].double()).sum(0))
+            total = total + (new.double() - table[chunk].double()).sum(0)
             table[chunk] = new
             out[chunk] = distribution_alignment(probs[chunk], (total / self.n_total).float())
+        return out
+
+    def _align_sharded(self, table, probs, total, b: int, block: int = 4096):
+        """`_align` over several ranks, in the same global chunks of `b` rows in the same row
+        order as one process, so every row is divided by the mean one process would divide it
+        by: the change of the table's column sums chunk by chunk ([chunks, C], this rank's rows
+        only) is all-reduced `block` chunks at a time, and its running sum gives the mean at
+        each chunk. A few collectives per pass instead of one per chunk."""
+        rows = self.lo + torch.arange(self.n, device=self.device)
+        chunk_of = torch.div(rows, b, rounding_mode="floor")  # each row's global chunk
+        diff = probs.double() - table.double()
+        out = torch.empty_like(probs)
+        for first in range(0, -(-self.n_total // b), block):  # every rank, every block
+            mine = (chunk_of >= first) & (chunk_of < first + block)
+            step = torch.zeros(block, probs.shape[1], dtype=torch.float64, device=self.device)
+            step.index_add_(0, chunk_of[mine] - first, diff[mine])
+            running = total + self.comm.all_reduce_sum(step).cumsum(0)  # after each chunk
+            means = (running[chunk_of[mine] - first] / self.n_total).float()
+            out[mine] = distribution_alignment(probs[mine], means)
+            total = running[-1]
+        table.copy_(probs.float())
         return out
 
     def coreg_epoch(self, epoch: int) -> dict:
