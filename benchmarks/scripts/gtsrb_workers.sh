@@ -7,7 +7,7 @@
 #   coreg-ray train ...            (one process; equal bit for bit to 1 Ray worker, tests/test_sharded.py)
 #   coreg-ray train ... --workers 2                 (BatchNorm over both workers' rows: the default)
 #   coreg-ray train ... --workers 2 --set train.sync_batchnorm=false   (PER_RANK=1: plain DDP)
-# Rows of earlier code are kept (folders w2pr-*, w2sb-*; see VARIANTS below).
+# Rows of earlier code are kept (folders w2pr-*, w2sb-*, w2fi-*; see VARIANTS below).
 # Resumable: a run whose output holds metrics.json is skipped. Rows, one JSON line per
 # run, go to benchmarks/results/gtsrb_workers.jsonl (rewritten from the runs each time).
 #   DATA=../shared/data/gtsrb32 nohup bash benchmarks/scripts/gtsrb_workers.sh > runs/gtsrb_workers.log 2>&1 &
@@ -59,8 +59,11 @@ from pathlib import Path
 out, res = Path(sys.argv[1]), Path(sys.argv[2])
 # folders w2<tag>-s<seed>: runs of earlier code are kept under a tag saying what they ran
 VARIANTS = {
-    "": "BatchNorm over every worker's rows; every rank's P pass as long as the largest rank's",
-    "nb": "BatchNorm per worker (train.sync_batchnorm=false); P pass as long as the largest rank's",
+    "": "BatchNorm over every worker's rows; every rank's P pass as long as the largest rank's; "
+        "distribution alignment in one process's chunk order",
+    "nb": "BatchNorm per worker (train.sync_batchnorm=false); otherwise as the default",
+    "fi": "BatchNorm over every worker's rows; P pass as long as the largest rank's; alignment "
+          "chunks interleaved rank by rank (commit 6eb60e9, before 88e9657)",
     "sb": "BatchNorm over every worker's rows; P pass cut to the smallest rank's (code of 2026-12-06, before the P fill)",
     "pr": "BatchNorm per worker; P pass cut to the smallest rank's (commit 486fbf2)",
 }
