@@ -55,6 +55,9 @@ def _rank(rank, store, out):
     from coreg_ray.coreg.trainer import CoReg
     from coreg_ray.data.shards import Shard
 
+    import coreg_ray.coreg.trainer as trainer_module
+
+    trainer_module.ALIGN_BLOCK_ROWS = 96  # one 64-row chunk a collective: blocks cross the ranks
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     train, ann = _inputs()

@@ -68,6 +68,7 @@ from coreg_ray.coreg.optim import close_epoch, compile_nets, cosine_lr, make_sgd
 LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_prot", "loss_cont", "loss_cand")
 # Per-epoch counts of a Co-Reg epoch (pseudo-label accuracy of P and U, steps).
 TALLIES = ("p_correct", "p_count", "u_correct", "u_count", "steps")
+ALIGN_BLOCK_ROWS = 65_536  # sharded alignment: rows' chunks per all-reduce (memory ~ rows x C)
 
 
 class CoReg(Persistence):
@@ -101,7 +102,8 @@ class CoReg(Persistence):
         torch.manual_seed(cfg.train.seed)
         self.raw_nets = [self._new_net() for _ in range(2)]
         if self.comm.world_size > 1 and cfg.train.sync_batchnorm:  # one model, as one process
-            self.raw_nets = [convert_global_batchnorm(n, getattr(self.comm, "bn_group", None)) for n in self.raw_nets]
+            group = getattr(self.comm, "bn_group", None)
+            self.raw_nets = [convert_global_batchnorm(n, group) for n in self.raw_nets]
         self.key_nets = [copy.deepcopy(n).requires_grad_(False) for n in self.raw_nets]
         if cfg.train.compile:
             compile_nets(self.raw_nets + self.key_nets)
@@ -328,25 +330,29 @@ class CoReg(Persistence):
             out[chunk] = distribution_alignment(probs[chunk], (total / self.n_total).float())
         return out
 
-    def _align_sharded(self, table, probs, total, b: int, block: int = 4096):
+    def _align_sharded(self, table, probs, total, b: int):
         """`_align` over several ranks, in the same global chunks of `b` rows in the same row
         order as one process, so every row is divided by the mean one process would divide it
-        by: the change of the table's column sums chunk by chunk ([chunks, C], this rank's rows
-        only) is all-reduced `block` chunks at a time, and its running sum gives the mean at
-        each chunk. A few collectives per pass instead of one per chunk."""
-        rows = self.lo + torch.arange(self.n, device=self.device)
-        chunk_of = torch.div(rows, b, rounding_mode="floor")  # each row's global chunk
-        diff = probs.double() - table.double()
+        by: the change of the table's column sums chunk by chunk (this rank's rows only) is
+        all-reduced for about ALIGN_BLOCK_ROWS rows' chunks at a time, and its running sum
+        gives the mean at each chunk: N / ALIGN_BLOCK_ROWS collectives a pass, not one a chunk."""
+        per = max(1, ALIGN_BLOCK_ROWS // b)  # chunks per collective
+        lo, n, dev = self.lo, self.n, self.device
         out = torch.empty_like(probs)
-        for first in range(0, -(-self.n_total // b), block):  # every rank, every block
-            mine = (chunk_of >= first) & (chunk_of < first + block)
-            step = torch.zeros(block, probs.shape[1], dtype=torch.float64, device=self.device)
-            step.index_add_(0, chunk_of[mine] - first, diff[mine])
+        for first in range(0, -(-self.n_total // b), per):  # every rank, every block
+            s = min(max(first * b - lo, 0), n)  # this rank's rows of the block: [s, e)
+            e = min(max((first + per) * b - lo, 0), n)
+            step = torch.zeros(per, probs.shape[1], dtype=torch.float64, device=dev)
+            if s < e:
+                chunk = torch.div(torch.arange(lo + s, lo + e, device=dev), b,
+                                  rounding_mode="floor") - first
+                step.index_add_(0, chunk, probs[s:e].double() - table[s:e].double())
             running = total + self.comm.all_reduce_sum(step).cumsum(0)  # after each chunk
-            means = (running[chunk_of[mine] - first] / self.n_total).float()
-            out[mine] = distribution_alignment(probs[mine], means)
+            if s < e:
+                means = (running[chunk] / self.n_total).float()
+                out[s:e] = distribution_alignment(probs[s:e], means)
+                table[s:e] = probs[s:e].float()
             total = running[-1]
-        table.copy_(probs.float())
         return out
 
     def coreg_epoch(self, epoch: int) -> dict:
