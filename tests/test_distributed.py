@@ -159,10 +159,12 @@ def test_two_workers_match_one_process(ray_runtime, digits_synthetic, tmp_path):
     acc2 = m["test_accuracy"]
     print(f"\n1 process: {acc1:.4f}  2 workers: {acc2:.4f}")
     assert acc1 > 0.5 and acc2 > 0.5
-    # Same algorithm, other random draws (each rank its own views): on this tiny run the seed
-    # noise alone is large. Measured 2026-12-06 (seeds 0/1/2): 1 process 0.719 / 0.599 / 0.683,
-    # 2 workers 0.621 / 0.685 / 0.727: per seed up to 0.097 apart, means 1.1 points apart.
-    assert abs(acc1 - acc2) < 0.12
+    # Same algorithm, other random draws (each rank its own views and shuffles of its half):
+    # on this tiny run the seed noise alone is large. Measured 2026-12-06 with BatchNorm over
+    # both workers and the alignment in one process's order (seeds 0/1/2): 1 process 0.719 /
+    # 0.599 / 0.683, 2 workers 0.593 / 0.685 / 0.719: per seed up to 0.126 apart, means 0.1
+    # point apart. That the two paths compute the same thing is tests/test_sharded_equivalence.py.
+    assert abs(acc1 - acc2) < 0.15
     # every phase ran distributed: divide/GMM, prototypes and the MoCo queue
     last = m["history"][-1]
     assert last["phase"] == "coreg" and 0 < last["p_fraction"] < 1
