@@ -61,6 +61,21 @@ def tiny_config(**over):
     return Config.load(overrides=[f"{k}={v}" for k, v in base.items()])
 
 
+def run_gloo_ranks(target, tmp_path, world=2, timeout=300):
+    """Run `target(rank, store, tmp_path)` in `world` spawned processes (each makes its own
+    gloo group from the file `store`), wait for them and check every one ended cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, tmp_path / "store", tmp_path))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
 # ------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="session")
 def ray_runtime():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_gloo_ranks
+
 N = 384  # rows (192 a rank): 3 warm-up batches of 128 (64 a rank)
 
 
@@ -79,20 +81,12 @@ def _rank(rank, store, out):
 
 @pytest.mark.slow
 def test_two_ranks_train_and_divide_as_one_process(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
     import coreg_ray.coreg.trainer as trainer_module
     from coreg_ray.coreg.sampling import shard as rank_batches
     from coreg_ray.coreg.sampling import split_batches
     from coreg_ray.coreg.trainer import CoReg
 
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, tmp_path / "store", tmp_path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert all(p.exitcode == 0 for p in procs)
+    run_gloo_ranks(_rank, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     class Rank:  # the batches rank r draws (each rank shuffles its own rows)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from coreg_ray.coreg.sync_bn import GlobalBatchNorm, convert_global_batchnorm
+from tests.conftest import run_gloo_ranks
 
 
 def _net():
@@ -52,15 +53,7 @@ def _rank(rank, store, out):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_batchnorm(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    ps = [ctx.Process(target=_rank, args=(r, tmp_path / "store", tmp_path)) for r in range(2)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in ps)
+    run_gloo_ranks(_rank, tmp_path, timeout=120)
     y, xg, grads, sd = _one_process()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, rtol=1e-4, atol=1e-5)

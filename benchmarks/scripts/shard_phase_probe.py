@@ -6,9 +6,9 @@ owning half the rows, as `--workers 2` does), on the table of benchmarks/scripts
 rows, the same config), in two steps that can be crossed:
 
     # the warm-up (10 epochs) on W ranks, its state saved with every row's per-sample state
-    python benchmarks/scripts/shard_phase_probe.py warm --world 2 --seed 0 --out runs/probe/warm-w2-s0.pt
+    python benchmarks/scripts/shard_phase_probe.py warm --world 2 --seed 0 --data DATA --out runs/probe/warm-w2-s0.pt
     # the Co-Reg phase (epochs 11-20) on W ranks from a saved warm-up state
-    python benchmarks/scripts/shard_phase_probe.py coreg --world 2 --state runs/probe/warm-w1-s0.pt \
+    python benchmarks/scripts/shard_phase_probe.py coreg --world 2 --data DATA --state runs/probe/warm-w1-s0.pt \
         --tag "w1 warm-up, 2 ranks" --rows benchmarks/results/shard_phase_probe.jsonl
 
 DIR (--dir): the folder gtsrb_workers.sh writes (clip-like.parquet, test/test.parquet);
@@ -140,7 +140,7 @@ def main():
     ap.add_argument("step", choices=("warm", "coreg"))
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gtsrb32"))
+    ap.add_argument("--data", required=True, help="the folder with the GTSRB train.parquet")
     ap.add_argument("--dir", default=str(ROOT / "runs" / "gtsrb-workers"))
     ap.add_argument("--out", help="warm: where the state goes")
     ap.add_argument("--state", help="coreg: a state saved by warm")
