@@ -161,6 +161,7 @@ def test_a_config_key_added_later_does_not_rerun_recorded_runs():
         cfg = {k: v for k, v in run["config"].items() if k != "tracking"}
         cfg["data"] = {k: v for k, v in cfg["data"].items()
                        if k not in ("strong_view", "placement")}  # both added later
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "sync_batchnorm"}  # too
         s = next(s for s in exp.settings if s.name == run["setting"])
         return _fingerprint(run["method"], [s.kind, s.spec, s.test_annotations, s.data], cfg,
                             run["params"])
@@ -174,6 +175,20 @@ def test_a_config_key_added_later_does_not_rerun_recorded_runs():
     exp2 = Experiment.load(changed)
     run2 = next(r for r in exp2.runs() if r["method"] == "coreg")
     assert legacy(run2, exp2) == old and old not in run2["accepts"]
+
+
+def test_the_recorded_100_epoch_rows_still_count_as_done():
+    """benchmarks/scripts/gtsrb_cpu_100.sh resumes its table across sessions (1.5 h a Co-Reg row
+    on 2 cores): a config key added since its rows were recorded must be in ADDED_KEYS, or every
+    row reruns (train.sync_batchnorm once did that)."""
+    res = ROOT / "benchmarks" / "results" / "gtsrb-cpu-100" / "results.jsonl"
+    runs = {r["key"]: r for r in
+            Experiment.load(ROOT / "configs" / "exp-gtsrb-cpu-100.yaml", strict=False).runs()}
+    recs = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
+    done = [r for r in recs if r["key"] in runs and r["status"] == "ok"]
+    assert len(done) >= 12
+    stale = [r["key"] for r in done if r["fingerprint"] not in runs[r["key"]]["accepts"]]
+    assert not stale, f"would rerun: {stale}"
 
 
 # ------------------------------------------------------------------ a real run on Ray + MLflow

@@ -33,8 +33,10 @@ SIMULATED_NOTE = "simulated VLM annotator — a stand-in, not a VLM"
 # behaviour from before they existed. A recorded run whose fingerprint was computed without such
 # a key still matches while the key holds that value, so adding a key never reruns a finished
 # table. (data.strong_view: "auto" is the colour view for RGB tables, the only view before it;
-# data.placement: "auto" keeps the images on the device where they fit, as before it existed.)
-ADDED_KEYS = ((("data", "strong_view"), "auto"), (("data", "placement"), "auto"))
+# data.placement: "auto" keeps the images on the device where they fit, as before it existed;
+# train.sync_batchnorm changes nothing on one process, the only kind of run before it existed.)
+ADDED_KEYS = ((("data", "strong_view"), "auto"), (("data", "placement"), "auto"),
+              (("train", "sync_batchnorm"), True))
 
 
 # ============================================================================ the experiment file
