@@ -6,17 +6,16 @@ from coreg_ray.coreg.sampling import split_batches
 
 
 class _Ranks:
-    """Rank `rank` of a group whose min/max collectives are answered from every rank's
-    values, given up front (split_batches reduces only its own P and U counts)."""
+    """Rank `rank` of a group whose min collective is answered from every rank's (P, U) counts,
+    given up front: split_batches reduces [P, U, -P] (the max of P as the min of -P)."""
 
     def __init__(self, rank: int, counts: list):
         self.rank, self.world_size, self.counts = rank, len(counts), counts
 
     def all_reduce_min(self, t):
-        return torch.tensor([min(c[0] for c in self.counts), min(c[1] for c in self.counts)])
-
-    def all_reduce_max(self, t):
-        return torch.tensor([max(c[0] for c in self.counts)])
+        sent = torch.tensor([[p, u, -p] for p, u in self.counts])
+        assert t.tolist() == sent[self.rank].tolist()  # what this rank sends
+        return sent.min(0).values
 
 
 def _split(p_counts, n=400, batch=64):

@@ -147,6 +147,13 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--rows", help="coreg: append one JSON line per epoch here")
     args = ap.parse_args()
+    needs = {"warm": ("out", "--out"), "coreg": ("state", "--state")}[args.step]
+    if not getattr(args, needs[0]):
+        ap.error(f"{args.step} needs {needs[1]}")
+    if args.step == "coreg" and not Path(args.state).is_file():
+        ap.error(f"--state: not a file: {args.state}")
+    if not (Path(args.data) / "train.parquet").is_file():
+        ap.error(f"--data: no train.parquet in {args.data}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.world == 1:
         return _rank(0, 1, args)

@@ -86,10 +86,10 @@ def split_batches(is_p: torch.Tensor, seed: int, batch: int, comm, device, use_u
     p_order = torch.randperm(len(p_idx), generator=g)
     u_order = torch.randperm(len(u_idx), generator=g)
     p_least, u_least, p_most = len(p_idx), len(u_idx), len(p_idx)
-    if w > 1:
-        p_least, u_least = comm.all_reduce_min(torch.tensor([p_least, u_least],
-                                                             device=device)).tolist()
-        p_most = int(comm.all_reduce_max(torch.tensor([p_most], device=device)).item())
+    if w > 1:  # one collective: the max of P is minus the min of -P
+        p_least, u_least, neg_most = comm.all_reduce_min(torch.tensor(
+            [p_least, u_least, -p_most], device=device)).tolist()
+        p_most = -int(neg_most)
     if p_least < 2:
         return []
     p_mine = p_idx[p_order]
